@@ -1,0 +1,5 @@
+import sys
+
+from negpref.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""The math of every method, as pure functions of per-sequence log-probabilities.
+
+Every loss takes 1-D tensors over the batch holding, per sequence, the *sum* of the log-probs
+of the answer tokens (``logprobs.sequence_logps`` produces them), and returns a scalar. Each
+accepts ``weights`` (per-sample, non-negative): the reduction is then ``sum(w*l) / sum(w)``;
+without weights it is the plain mean. U2A's weighted unlearning and importance-weighted
+batches go through this single reduction.
+
+Sign conventions follow the NPO paper: every function is a quantity to *minimise*.
+``ga`` returns ``E[log pi(y|x)]``, so minimising it ascends the forget-set NLL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "dpo",
+    "ga",
+    "kl",
+    "kto",
+    "nll",
+    "npo",
+    "npo_weight",
+    "reduce",
+    "simnpo",
+]
+
+
+def reduce(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of per-sample ``values``, or ``sum(w*v)/sum(w)`` with per-sample ``weights``."""
+    if values.ndim != 1:
+        raise ValueError(f"per-sample values must be 1-D, got shape {tuple(values.shape)}")
+    if weights is None:
+        return values.mean()
+    weights = torch.as_tensor(weights, dtype=values.dtype, device=values.device)
+    if weights.shape != values.shape:
+        raise ValueError(
+            f"weights has shape {tuple(weights.shape)} but the batch has {tuple(values.shape)}; "
+            "pass one weight per sample"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must be finite; got inf or NaN")
+    if bool((weights < 0).any()):
+        raise ValueError(f"weights must be non-negative; got minimum {weights.min().item():g}")
+    total = weights.sum()
+    if not bool(total > 0):
+        raise ValueError("weights are all zero: at least one sample needs a positive weight")
+    return (weights * values).sum() / total
+
+
+def _check_beta(beta: float) -> None:
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+
+
+def ga(policy_logps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient ascent: ``E[log pi(y|x)]``. Unbounded below; minimising it diverges."""
+    return reduce(policy_logps, weights)
+
+
+def npo(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NPO (eq. 3): ``(2/beta) * log(1 + (pi/pi_ref)^beta)``, bounded below by 0.
+
+    Written as a softplus of the log-ratio so that ratios of ``exp(+-1e4)`` stay finite.
+    """
+    _check_beta(beta)
+    log_ratio = policy_logps - ref_logps
+    return reduce((2.0 / beta) * F.softplus(beta * log_ratio), weights)
+
+
+def npo_weight(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 0.1):
+    """NPO's adaptive weight ``W = 2 pi^b / (pi^b + pi_ref^b)`` per sample (eq. 5).
+
+    ``grad npo = E[W * grad log pi]``: W is 1 at the reference and vanishes for samples
+    already unlearned, which is what slows NPO's divergence relative to GA.
+    """
+    _check_beta(beta)
+    return 2.0 * torch.sigmoid(beta * (policy_logps - ref_logps))
+
+
+def simnpo(
+    policy_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    beta: float = 2.5,
+    gamma: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SimNPO: reference-free NPO on the length-normalised log-prob, with margin ``gamma``."""
+    _check_beta(beta)
+    mean_logps = policy_logps / lengths.to(policy_logps.dtype).clamp(min=1)
+    return reduce(-(2.0 / beta) * F.logsigmoid(-beta * mean_logps - gamma), weights)
+
+
+def dpo(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DPO (sigmoid loss): ``-log sigmoid(beta * (chosen log-ratio - rejected log-ratio))``."""
+    _check_beta(beta)
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return reduce(-F.logsigmoid(beta * margin), weights)
+
+
+def kto(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    z_ref: torch.Tensor | float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KTO on undesirable samples, the NPO paper's form (eqs. 18-19).
+
+    ``z_ref`` is the batch estimate of ``beta * KL(pi || pi_ref)``; like the KTO paper we treat
+    it as a baseline, so it is detached and clipped at 0.
+    """
+    _check_beta(beta)
+    z = torch.as_tensor(z_ref, dtype=policy_logps.dtype, device=policy_logps.device)
+    z = z.detach().clamp(min=0)
+    log_ratio = policy_logps - ref_logps
+    return reduce((2.0 / beta) * -F.logsigmoid(z - beta * log_ratio), weights)
+
+
+def nll(
+    policy_logps: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token-mean negative log-likelihood per sequence: the retain (RT) and IDK term."""
+    return reduce(-policy_logps / lengths.to(policy_logps.dtype).clamp(min=1), weights)
+
+
+def kl(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    direction: str = "policy||ref",
+) -> torch.Tensor:
+    """Token-level KL between next-token distributions, averaged over the masked tokens.
+
+    ``policy_logits`` and ``ref_logits`` are ``[batch, tokens, vocab]`` aligned with ``mask``
+    (``[batch, tokens]``, 1 on answer tokens). ``direction="policy||ref"`` is
+    ``KL(pi_theta || pi_ref)``, the retain/forget KL terms of the NPO paper's eq. 17;
+    ``"ref||policy"`` is ``KL(pi_ref || pi_theta)``, the paper's *forget KL* metric (Appendix C)
+    and what TOFU's KL regulariser computes. Per sequence the KL is the mean over its masked
+    tokens; sequences are then reduced like every other loss.
+    """
+    if direction not in ("policy||ref", "ref||policy"):
+        raise ValueError(f"direction must be 'policy||ref' or 'ref||policy', got {direction!r}")
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}"
+        )
+    # Float32 for the log-softmax: in bf16 the difference of two near-equal log-probs is noise.
+    policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    p_logp, q_logp = (
+        (policy_logp, ref_logp) if direction == "policy||ref" else (ref_logp, policy_logp)
+    )
+    token_kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+    mask = mask.to(token_kl.dtype)
+    per_seq = (token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return reduce(per_seq.to(policy_logits.dtype), weights)
