@@ -1,0 +1,1 @@
+"""Benchmarks behind ``negpref bench``; each returns its figures as a dict."""
