@@ -25,7 +25,7 @@ def token_logps_from_logits(
     logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted next-token log-probs and mask: position t scores token t+1."""
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     targets = input_ids[:, 1:]
     mask = answer_mask[:, 1:].to(logits.dtype)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

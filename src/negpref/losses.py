@@ -164,8 +164,9 @@ def kl(
             f"{tuple(ref_logits.shape)}"
         )
     # Float32 for the log-softmax: in bf16 the difference of two near-equal log-probs is noise.
-    policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
-    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    wide = torch.promote_types(policy_logits.dtype, torch.float32)
+    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
+    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
     p_logp, q_logp = (
         (policy_logp, ref_logp) if direction == "policy||ref" else (ref_logp, policy_logp)
     )
