@@ -1,0 +1,82 @@
+"""Membership-inference attacks on answer tokens, their AUC, and MUSE's privacy leakage.
+
+Every attack maps a sequence to a score where *higher means more likely a member* (seen in
+training), so ``AUC = P(score(member) > score(non-member))``: 1.0 for a model that memorised the
+forget set, about 0.5 for one that never saw it (the retain model).
+
+- ``loss``: mean answer-token log-likelihood (Yeom et al.).
+- ``zlib``: that log-likelihood divided by the zlib-compressed length of the answer text in
+  bytes (Carlini et al. 2021, as implemented by Min-K%'s authors).
+- ``min_k``: mean of the lowest ``k`` fraction of token log-probs (Shi et al. 2024).
+- ``min_k_plus_plus``: the same on token log-probs standardised by the next-token
+  distribution, ``(log p(x_t) - mu_t) / sigma_t`` with ``mu_t = E_z[log p(z)]`` and
+  ``sigma_t^2 = Var_z[log p(z)]`` under ``z ~ p(.|x_<t)`` (Zhang et al. 2024).
+
+Privacy leakage (MUSE's PrivLeak) compares the unlearned model's AUC with the retain model's:
+``(AUC_unlearned - AUC_retain) / AUC_retain``; 0 is ideal, positive is under-unlearning,
+negative over-unlearning. MUSE reports it in percent.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+
+
+def _bottom_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """Per row, the mean of the ``max(1, int(n*k))`` smallest masked values (n masked)."""
+    n = mask.sum(-1)
+    count = torch.clamp((n * k).floor(), min=1)
+    ranked = values.masked_fill(mask == 0, math.inf).sort(-1).values
+    positions = torch.arange(values.shape[-1], device=values.device)
+    keep = positions.unsqueeze(0) < count.unsqueeze(-1)
+    means = ranked.masked_fill(~keep, 0.0).sum(-1) / count
+    return means.masked_fill(n == 0, math.nan)
+
+
+def min_k_scores(token_logps: torch.Tensor, mask: torch.Tensor, k: float = 0.2) -> torch.Tensor:
+    """Min-K% per sequence from token log-probs ``[batch, tokens]`` and the answer mask."""
+    return _bottom_k_mean(token_logps.float(), mask, k)
+
+
+def min_k_plus_plus_scores(
+    token_logps: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, k: float = 0.2
+) -> torch.Tensor:
+    """Min-K%++ per sequence; ``logits`` ``[batch, tokens, vocab]`` aligned with the tokens."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    probs = log_probs.exp()
+    mu = (probs * log_probs).sum(-1)
+    variance = (probs * log_probs.square()).sum(-1) - mu.square()
+    # A near-deterministic next token has ~0 variance; the floor keeps its score finite.
+    z = (token_logps.float() - mu) / variance.clamp(min=1e-6).sqrt()
+    return _bottom_k_mean(z, mask, k)
+
+
+def zlib_score(mean_logp: float, text: str) -> float:
+    """Mean log-likelihood over the zlib-compressed byte length of ``text``."""
+    return mean_logp / len(zlib.compress(text.encode("utf-8")))
+
+
+def mia_auc(member_scores, nonmember_scores) -> float:
+    """ROC AUC of telling members (label 1) from non-members by score; NaN scores dropped."""
+    from sklearn.metrics import roc_auc_score
+
+    members = np.asarray(member_scores, dtype=np.float64)
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64)
+    members, nonmembers = members[np.isfinite(members)], nonmembers[np.isfinite(nonmembers)]
+    if not members.size or not nonmembers.size:
+        return math.nan
+    labels = np.concatenate([np.ones(members.size), np.zeros(nonmembers.size)])
+    return float(roc_auc_score(labels, np.concatenate([members, nonmembers])))
+
+
+def privleak(auc_unlearned: float, auc_retain: float) -> float:
+    """MUSE's PrivLeak as a fraction: ``(AUC_unlearned - AUC_retain) / AUC_retain``."""
+    if not auc_retain > 0:
+        return math.nan  # undefined: a retain model ranking every non-member above members
+    return (auc_unlearned - auc_retain) / auc_retain

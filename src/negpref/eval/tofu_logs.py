@@ -1,0 +1,288 @@
+"""Per-item logs in TOFU's format, and TOFU's aggregates of them.
+
+Logs are ``{eval file: {metric: {item index: value}}}`` with TOFU's file and metric names, so
+ours and TOFU's published logs aggregate the same way (``aggregate``), and a forget-quality
+reference can be any retain model's logs.
+
+Eval files: ``eval_log.json`` (retain set), ``eval_log_forget.json`` (forget set),
+``eval_real_author_wo_options.json``, ``eval_real_world_wo_options.json``; ours may add
+``eval_log_holdout.json`` (membership-inference non-members; TOFU's own aggregation script
+does not know it, drop it before feeding ours to TOFU's script).
+
+Per-item metrics are TOFU's (``avg_gt_loss``, ``gt_loss``, ``num_token_gt``, ``generated_text``
+= [question, generation, answer], ``rouge1_recall``, ``rougeL_recall``, ``avg_paraphrased_loss``,
+``paraphrased_loss``, ``num_token_paraphrased``, ``average_perturb_loss``, ``perturb_loss``,
+``num_token_perturb``, ``truth_ratio``, and ``normalized_gt_loss`` on real authors / world
+facts) plus ours: ``kl_ref`` (KL(ref || model) per item, with a reference model) and ``mia_*``
+membership scores (with a holdout set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from negpref.errors import NegprefError
+from negpref.eval import metrics
+from negpref.eval.mia import ATTACKS, mia_auc, privleak
+
+if TYPE_CHECKING:
+    from negpref.eval.tofu import TofuSets
+
+RETAIN_FILE = "eval_log.json"
+FORGET_FILE = "eval_log_forget.json"
+REAL_AUTHORS_FILE = "eval_real_author_wo_options.json"
+WORLD_FACTS_FILE = "eval_real_world_wo_options.json"
+HOLDOUT_FILE = "eval_log_holdout.json"
+
+# Set kind -> log file, in TOFU's order. Utility sets feed model utility; forget feeds quality.
+EVAL_FILES = {
+    "retain": RETAIN_FILE,
+    "real_authors": REAL_AUTHORS_FILE,
+    "world_facts": WORLD_FACTS_FILE,
+    "forget": FORGET_FILE,
+}
+UTILITY_SETS = ("retain", "real_authors", "world_facts")
+KNOWN_FILES = (*EVAL_FILES.values(), HOLDOUT_FILE)
+# Metrics TOFU's aggregation reads (and so every eval file must hold), and the holdout's.
+_AGGREGATED_METRICS = (
+    "avg_gt_loss",
+    "avg_paraphrased_loss",
+    "average_perturb_loss",
+    "rougeL_recall",
+)
+_HOLDOUT_METRICS = ("avg_gt_loss",)
+
+
+def short_list(indices, limit: int = 10) -> str:
+    """``1, 2, 3 (and 7 more)``: item indices for error messages."""
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f" (and {len(indices) - limit} more)" if len(indices) > limit else "")
+
+
+def load_logs(path: str | os.PathLike, what: str = "--logs") -> dict[str, dict]:
+    """Read a logs JSON (``{eval file: {metric: {index: value}}}``) and check its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise NegprefError(f"{what} {path}: file not found")
+    try:
+        logs = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NegprefError(f"{what} {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    check_logs(logs, f"{what} {path}")
+    return logs
+
+
+def check_logs(logs, where: str) -> None:
+    if not isinstance(logs, dict) or not logs:
+        raise NegprefError(f"{where}: expected {{eval file: {{metric: {{index: value}}}}}}")
+    unknown = [f for f in logs if f not in KNOWN_FILES]
+    if unknown:
+        raise NegprefError(
+            f"{where}: unknown eval file(s) {', '.join(unknown)}; known: {', '.join(KNOWN_FILES)}"
+        )
+    for file, per_metric in logs.items():
+        needed = _HOLDOUT_METRICS if file == HOLDOUT_FILE else _AGGREGATED_METRICS
+        missing = [m for m in needed if not isinstance(per_metric.get(m), dict)]
+        if missing:
+            raise NegprefError(f"{where}: {file} lacks metric(s) {', '.join(missing)}")
+        keys = set(per_metric["avg_gt_loss"])
+        for metric in needed:
+            if set(per_metric[metric]) != keys:
+                raise NegprefError(
+                    f"{where}: {file} metric {metric} covers other items than avg_gt_loss"
+                )
+
+
+def _values(per_metric: dict, metric: str, keys: list[str]) -> list:
+    return [per_metric[metric][k] for k in keys]
+
+
+def _as_float(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _item_ratios(per_metric: dict, keys: list[str]) -> np.ndarray:
+    para = [_as_float(v) for v in _values(per_metric, "avg_paraphrased_loss", keys)]
+    pert = [[_as_float(x) for x in p] for p in _values(per_metric, "average_perturb_loss", keys)]
+    return metrics.truth_ratios(para, pert)
+
+
+def _n_nan(per_metric: dict, keys: list[str]) -> int:
+    def bad(k: str) -> bool:
+        values = [per_metric["avg_gt_loss"][k]]
+        if "avg_paraphrased_loss" in per_metric:
+            values += [
+                per_metric["avg_paraphrased_loss"][k],
+                *per_metric["average_perturb_loss"][k],
+            ]
+        return not all(math.isfinite(_as_float(v)) for v in values)
+
+    return sum(bad(k) for k in keys)
+
+
+def _set_summary(kind: str, per_metric: dict) -> dict[str, float]:
+    keys = list(per_metric["avg_gt_loss"])
+    gt_avg = np.array([_as_float(v) for v in _values(per_metric, "avg_gt_loss", keys)])
+    if kind in ("retain", "forget"):
+        prob = metrics.mean_finite(np.exp(-gt_avg))
+    else:
+        pert = _values(per_metric, "average_perturb_loss", keys)
+        prob = metrics.mean_finite(
+            [metrics.normalized_prob(g, [_as_float(x) for x in p]) for g, p in zip(gt_avg, pert)]
+        )
+    ratios = _item_ratios(per_metric, keys)
+    ratio_stat = metrics.forget_truth_ratio if kind == "forget" else metrics.utility_truth_ratio
+    summary = {
+        "prob": prob,
+        "rougeL": metrics.mean_finite(_values(per_metric, "rougeL_recall", keys)),
+        "truth_ratio": ratio_stat(ratios),
+    }
+    if "rouge1_recall" in per_metric:
+        summary["rouge1"] = metrics.mean_finite(_values(per_metric, "rouge1_recall", keys))
+    return summary
+
+
+def _forget_items(logs: dict) -> dict[str, str | None]:
+    """Forget-log item keys -> answer (from ``generated_text``), to identify the split."""
+    per_metric = logs[FORGET_FILE]
+    texts = per_metric.get("generated_text", {})
+    return {k: (texts[k][2] if k in texts else None) for k in per_metric["avg_gt_loss"]}
+
+
+def _compare_forget_items(ours: dict, theirs: dict, what: str) -> None:
+    if set(ours) != set(theirs):
+        raise NegprefError(
+            f"{what} hold {len(theirs)} forget items but these logs hold {len(ours)} "
+            f"({len(set(ours) ^ set(theirs))} indices differ): forget quality compares truth "
+            "ratios of the same forget items; evaluate the retain model on the same split, "
+            "--limit and sampling"
+        )
+
+    def differs(k: str) -> bool:
+        a, b = ours[k], theirs[k]
+        # Logs without generated_text cannot be told apart beyond their indices.
+        return isinstance(a, str) and isinstance(b, str) and a.split() != b.split()
+
+    differ = [k for k in ours if differs(k)]
+    if differ:
+        raise NegprefError(
+            f"{what}: the forget answers differ at items {short_list(differ)}; those logs come "
+            "from a different forget split"
+        )
+
+
+def check_retain_logs(logs: dict, retain_logs: dict, what: str = "retain logs") -> None:
+    """Refuse a forget-quality reference evaluated on other forget items (split or size)."""
+    for name, candidate in (("these logs", logs), (what, retain_logs)):
+        if FORGET_FILE not in candidate:
+            raise NegprefError(f"{name} have no {FORGET_FILE}: forget quality needs the forget set")
+    _compare_forget_items(_forget_items(logs), _forget_items(retain_logs), what)
+
+
+def check_retain_logs_match_sets(retain_logs: dict, sets: TofuSets, what: str) -> None:
+    """Before evaluating: the reference logs must cover exactly the forget items of ``sets``."""
+    if FORGET_FILE not in retain_logs:
+        raise NegprefError(f"{what} have no {FORGET_FILE}: forget quality needs the forget set")
+    ours = {k: r["answer"] for k, r in zip(sets.forget.keys, sets.forget.records)}
+    _compare_forget_items(ours, _forget_items(retain_logs), what)
+
+
+def _mia_summary(logs: dict) -> dict[str, float]:
+    forget, holdout = logs.get(FORGET_FILE, {}), logs.get(HOLDOUT_FILE, {})
+    return {
+        attack: mia_auc(
+            [_as_float(v) for v in forget[f"mia_{attack}"].values()],
+            [_as_float(v) for v in holdout[f"mia_{attack}"].values()],
+        )
+        for attack in ATTACKS
+        if f"mia_{attack}" in forget and f"mia_{attack}" in holdout
+    }
+
+
+def _mean_metric(per_metric: dict | None, metric: str) -> float | None:
+    if per_metric is None or metric not in per_metric:
+        return None
+    return metrics.mean_finite([_as_float(v) for v in per_metric[metric].values()])
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
+    """TOFU's aggregates of ``logs`` (``aggregate_eval_stat.py``), plus KL, perplexity, MIA.
+
+    Keys: ``model_utility`` (harmonic mean of ``{retain,real_authors,world_facts}/{prob,rougeL,
+    truth_ratio}``), ``forget_quality`` (KS p-value of forget truth ratios against
+    ``retain_logs``; None without them) and ``forget_ks_statistic``, ``forget_truth_ratio``,
+    ``forget/{prob,rougeL,truth_ratio}``, ``*/rouge1``, ``forget_kl`` / ``retain_kl`` (with a
+    reference model), ``forget_perplexity`` / ``retain_perplexity``, ``mia/<attack>`` AUCs and
+    ``privleak/<attack>`` (with holdout scores in both logs), and per-set ``counts`` (items,
+    NaN items, empty generations). Non-finite values are reported as None.
+    """
+    check_logs(logs, "logs")
+    if retain_logs is not None:
+        check_logs(retain_logs, "retain logs")
+        check_retain_logs(logs, retain_logs)
+    result: dict = {"model_utility": None, "forget_quality": None, "forget_ks_statistic": None}
+    components = []
+    counts = {}
+    for kind, file in EVAL_FILES.items():
+        if file not in logs:
+            continue
+        per_metric = logs[file]
+        for name, value in _set_summary(kind, per_metric).items():
+            result[f"{kind}/{name}"] = value
+            if kind in UTILITY_SETS and name in ("prob", "rougeL", "truth_ratio"):
+                components.append(value)
+        keys = list(per_metric["avg_gt_loss"])
+        texts = per_metric.get("generated_text", {})
+        counts[kind] = {
+            "items": len(keys),
+            "nan_items": _n_nan(per_metric, keys),
+            "empty_generations": sum(not str(t[1]).strip() for t in texts.values()),
+        }
+    if components:
+        result["model_utility"] = metrics.model_utility(components)
+    if FORGET_FILE in logs:
+        result["forget_truth_ratio"] = result["forget/truth_ratio"]
+        if retain_logs is not None:
+            keys = list(logs[FORGET_FILE]["avg_gt_loss"])
+            retain_keys = list(retain_logs[FORGET_FILE]["avg_gt_loss"])
+            pvalue, statistic = metrics.forget_quality(
+                _item_ratios(logs[FORGET_FILE], keys),
+                _item_ratios(retain_logs[FORGET_FILE], retain_keys),
+            )
+            result["forget_quality"], result["forget_ks_statistic"] = pvalue, statistic
+    for kind, file in (("forget", FORGET_FILE), ("retain", RETAIN_FILE)):
+        kl = _mean_metric(logs.get(file), "kl_ref")
+        if kl is not None:
+            result[f"{kind}_kl"] = kl
+        per_metric = logs.get(file, {})
+        if "gt_loss" in per_metric and "num_token_gt" in per_metric:
+            result[f"{kind}_perplexity"] = metrics.perplexity(
+                [_as_float(v) for v in per_metric["gt_loss"].values()],
+                list(per_metric["num_token_gt"].values()),
+            )
+    aucs = _mia_summary(logs)
+    for attack, auc in aucs.items():
+        result[f"mia/{attack}"] = auc
+    if retain_logs is not None and aucs:
+        retain_aucs = _mia_summary(retain_logs)
+        for attack in aucs.keys() & retain_aucs.keys():
+            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
+    if HOLDOUT_FILE in logs:
+        keys = list(logs[HOLDOUT_FILE]["avg_gt_loss"])
+        counts["holdout"] = {"items": len(keys), "nan_items": _n_nan(logs[HOLDOUT_FILE], keys)}
+    result["counts"] = counts
+    return _finite_or_none(result)
