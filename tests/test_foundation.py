@@ -3,6 +3,8 @@
 import argparse
 import dataclasses
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,16 @@ def test_out_dir_is_never_clobbered(tmp_path):
     with staged_out_dir(out, overwrite=True) as stage:
         (stage / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_outputs_get_the_usual_file_modes(tmp_path):
+    from negpref.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with staged_out_dir(tmp_path / "run") as stage:
+            atomic_write_text(stage / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "run" / "results.json").stat().st_mode) == 0o644
