@@ -1,0 +1,294 @@
+"""A small language task for U2A at CPU scale, and the paper's Figure 4 ablation on it.
+
+Prompts ask to describe a topic; responses are chains of keywords, good ("kind", "honest",
+...) or bad ("rude", "toxic", ...), joined by fillers. The alignment reward of a response is
+``(#good - #bad) / (#good + #bad)``. A tiny Llama (``negpref.models.tiny_llama``) is trained
+on a corpus that mixes both kinds, plus the candidate negatives themselves. The candidates
+differ the way the paper's Figure 2 says negatives differ: *mostly-bad* responses (most
+keywords bad: unlearning them should raise the reward) and *mostly-good* responses flagged
+negative (one bad keyword among good ones: unlearning them suppresses good keywords too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from negpref import losses
+from negpref.data import collate, encode_qa
+from negpref.logprobs import sequence_logps
+from negpref.models import build_tokenizer, tiny_llama
+from negpref.u2a import (
+    U2AConfig,
+    implicit_gains,
+    inverse_hvp,
+    run_u2a,
+    trainable,
+    weighted_unlearn,
+)
+from negpref.u2a_objectives import LMForgetTask, NegDPOObjective, RewardObjective
+
+GOOD = ("great", "kind", "helpful", "safe", "honest", "calm", "clear", "gentle")
+BAD = ("awful", "rude", "harmful", "toxic", "cruel", "nasty", "vile", "mean")
+FILLERS = ("and", "very", "so", "also", "really")
+TOPICS = (
+    "river", "garden", "city", "forest", "market", "school", "harbor", "library",
+    "museum", "bridge", "valley", "station", "castle", "island", "desert", "village",
+)  # fmt: skip
+MAX_LENGTH = 48
+
+
+def keyword_reward(prompt, response: str) -> float:
+    """``(#good - #bad) / (#good + #bad)`` over the response's words; 0 without keywords."""
+    words = re.findall(r"[a-z]+", response.lower())
+    good = sum(w in GOOD for w in words)
+    bad = sum(w in BAD for w in words)
+    return (good - bad) / max(1, good + bad)
+
+
+def prompt_for(topic: str) -> str:
+    return f"Describe the {topic}."
+
+
+def response(rng: random.Random, n_good: int, n_bad: int) -> str:
+    keywords = [rng.choice(GOOD) for _ in range(n_good)] + [rng.choice(BAD) for _ in range(n_bad)]
+    rng.shuffle(keywords)
+    text = "it is " + keywords[0]
+    for word in keywords[1:]:
+        text += f" {rng.choice(FILLERS)} {word}"
+    return text
+
+
+@dataclass
+class ToyTask:
+    corpus: list[dict]  # prompt/response pairs the base model is trained on
+    negatives: list[dict]  # candidate forget set: id, prompt, response, kind
+    preferences: list[dict]  # held-out prompt/chosen/rejected for the DPO objective
+    prompts: list[str]  # evaluation / reward-objective prompts
+
+
+def make_task(seed: int = 0, n_mostly_bad: int = 24, n_mostly_good: int = 40) -> ToyTask:
+    rng = random.Random(seed)
+    corpus = []
+    for topic in TOPICS:
+        for _ in range(24):
+            n_keywords = rng.randint(3, 5)
+            n_bad = sum(rng.random() < 0.5 for _ in range(n_keywords))
+            corpus.append(
+                {"prompt": prompt_for(topic), "response": response(rng, n_keywords - n_bad, n_bad)}
+            )
+    negatives = []
+    for i in range(n_mostly_bad + n_mostly_good):
+        topic = rng.choice(TOPICS)
+        kind = "mostly_bad" if i < n_mostly_bad else "mostly_good"
+        n_good, n_bad = (
+            (rng.randint(0, 1), rng.randint(3, 4))
+            if kind == "mostly_bad"
+            else (rng.randint(3, 4), 1)
+        )
+        negatives.append(
+            {"prompt": prompt_for(topic), "response": response(rng, n_good, n_bad), "kind": kind}
+        )
+    rng.shuffle(negatives)
+    for i, negative in enumerate(negatives):
+        negative["id"] = str(i)
+    preferences = [
+        {
+            "prompt": prompt_for(topic),
+            "chosen": response(rng, 4, 0),
+            "rejected": response(rng, 0, 4),
+        }
+        for topic in TOPICS
+    ]
+    return ToyTask(corpus, negatives, preferences, [prompt_for(t) for t in TOPICS])
+
+
+def pretrain(
+    task: ToyTask, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 3e-3
+):
+    """Tokenizer + tiny Llama trained (answer-token NLL) on the corpus and the negatives."""
+    pairs = task.corpus + [
+        {"prompt": n["prompt"], "response": n["response"]} for n in task.negatives
+    ]
+    texts = [f"{p['prompt']} {p['response']}" for p in pairs]
+    tokenizer = build_tokenizer(texts, vocab_size=600)
+    model = tiny_llama(len(tokenizer), seed=seed)
+    encoded = [encode_qa(tokenizer, p["prompt"], p["response"], MAX_LENGTH) for p in pairs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
+        out = sequence_logps(model, collate([encoded[i] for i in idx], tokenizer.pad_token_id))
+        loss = losses.nll(out.logps, out.n_tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model, tokenizer
+
+
+def objective_for(name: str, model, tokenizer, task: ToyTask, seed: int = 0):
+    if name == "dpo":
+        return NegDPOObjective(model, tokenizer, task.preferences, beta=0.1, max_length=MAX_LENGTH)
+    return RewardObjective(
+        tokenizer,
+        task.prompts,
+        keyword_reward,
+        samples_per_prompt=8,
+        max_new_tokens=16,
+        seed=seed,
+        batch_size=16,
+    )
+
+
+def ablation_config() -> U2AConfig:
+    return U2AConfig(
+        init_size=4,
+        per_round=4,
+        beta=0.05,
+        reg_lambda=1.0,
+        inner_steps=30,
+        inner_lr=1e-4,
+        batch_size=16,
+        grad_chunk=32,
+    )
+
+
+def score(model, tokenizer, task: ToyTask, seed: int, samples: int = 16) -> tuple[float, float]:
+    """Mean keyword reward of sampled responses, and the fraction that are well formed (only
+    task words: unlearning by gradient ascent also breaks the model's language)."""
+    sampler = RewardObjective(
+        tokenizer,
+        task.prompts,
+        keyword_reward,
+        samples_per_prompt=samples,
+        max_new_tokens=16,
+        seed=10_000 + seed,
+        batch_size=16,
+    )
+    _, texts, rewards = sampler.sample(model)
+    vocabulary = {*GOOD, *BAD, *FILLERS, "it", "is"}
+    well_formed = [bool(t.split()) and set(t.split()) <= vocabulary for t in texts]
+    return float(rewards.mean()), sum(well_formed) / len(well_formed)
+
+
+def run_ablation(
+    ks=(4, 8, 16, 32),
+    seeds=(0, 1, 2),
+    objective: str = "reward",
+    cfg: U2AConfig | None = None,
+    pretrain_steps: int = 300,
+    loss: str = "ga",
+) -> dict:
+    """Figure 4 at CPU scale: top-K by marginal gain vs random K, same unlearning budget.
+
+    One base model; per seed the random subsets, the inner minibatch order and the evaluation
+    samples change. Both strategies unlearn their K samples with uniform weights for
+    ``cfg.inner_steps`` steps with ``loss`` (GA or NPO); the score is the mean keyword reward
+    of sampled responses (and the fraction of well-formed ones).
+    Also run: unlearning all negatives (same budget), and Algorithm 1 itself per seed with an
+    all-negatives run on U2A's own budget.
+    """
+    cfg = cfg or ablation_config()
+    task = make_task(0)
+    model, tokenizer = pretrain(task, steps=pretrain_steps)
+    forget = LMForgetTask(model, tokenizer, task.negatives, loss, max_length=MAX_LENGTH)
+    params = list(trainable(model).values())
+    base_state = [p.detach().clone() for p in params]
+    j0, grad_j = objective_for(objective, model, tokenizer, task).value_and_grad(model, params)
+    gains = implicit_gains(model, forget, inverse_hvp(grad_j, cfg), cfg.grad_chunk)
+    ranking = gains.argsort(descending=True).tolist()
+
+    def reset():
+        with torch.no_grad():
+            for p, saved in zip(params, base_state):
+                p.copy_(saved)
+
+    def unlearn_and_score(indices, seed, steps=cfg.inner_steps):
+        reset()
+        weights = torch.full((len(indices),), 1.0 / len(indices), dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        weighted_unlearn(model, forget, indices, weights, base_state, cfg, steps, generator)
+        return score(model, tokenizer, task, seed)
+
+    everything = list(range(len(forget)))
+    rows = []
+    for k in ks:
+        top = [unlearn_and_score(ranking[:k], seed) for seed in seeds]
+        rand = [
+            unlearn_and_score(random.Random(seed * 1000 + k).sample(everything, k), seed)
+            for seed in seeds
+        ]
+        rows.append({"k": k, "top_k": _summary(top), "random_k": _summary(rand)})
+    u2a_runs = []
+    for seed in seeds:
+        reset()
+        result = run_u2a(
+            model,
+            forget,
+            objective_for(objective, model, tokenizer, task, seed),
+            dataclasses.replace(cfg, seed=seed),
+        )
+        reward, well_formed = score(model, tokenizer, task, seed)
+        budget = cfg.inner_steps * sum(1 for r in result.log[1:] if r["accepted"])
+        u2a_runs.append(
+            {
+                "seed": seed,
+                "reward": reward,
+                "well_formed": well_formed,
+                "set_size": len(result.selected),
+                "mostly_bad_selected": sum(
+                    task.negatives[i]["kind"] == "mostly_bad" for i in result.selected
+                ),
+                "inner_steps": budget,
+                "stop_reason": result.stop_reason,
+                "all_negatives_same_budget": unlearn_and_score(everything, seed, budget)[0],
+            }
+        )
+    reset()
+    kinds = [n["kind"] for n in task.negatives]
+    return {
+        "objective": objective,
+        "loss": loss,
+        "objective_initial": j0,
+        "n_candidates": len(forget),
+        "seeds": list(seeds),
+        "inner_steps": cfg.inner_steps,
+        "inner_lr": cfg.inner_lr,
+        "base_reward": _summary([score(model, tokenizer, task, seed) for seed in seeds]),
+        "all_negatives": _summary([unlearn_and_score(everything, seed) for seed in seeds]),
+        "rows": rows,
+        "u2a": u2a_runs,
+        "gains": gains.tolist(),
+        "kinds": kinds,
+        "gain_concentration": gain_concentration(gains),
+        "mostly_bad_in_top": {k: sum(kinds[i] == "mostly_bad" for i in ranking[:k]) for k in ks},
+    }
+
+
+def _summary(scores: list[tuple[float, float]]) -> dict:
+    """Reward over seeds (values, mean, sample std) and the mean well-formed fraction."""
+    rewards = [r for r, _ in scores]
+    return {
+        "values": rewards,
+        "mean": statistics.fmean(rewards),
+        "std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+        "well_formed": statistics.fmean(w for _, w in scores),
+    }
+
+
+def gain_concentration(gains: torch.Tensor, fractions=(0.05, 0.1, 0.2)) -> dict:
+    """Share of the total positive gain carried by the top ``fraction`` of candidates."""
+    positive = gains.clamp(min=0).sort(descending=True).values
+    total = float(positive.sum())
+    out = {"positive_fraction": float((gains > 0).double().mean())}
+    for f in fractions:
+        top = max(1, round(f * len(gains)))
+        out[f"top_{int(f * 100)}pct_share"] = float(positive[:top].sum()) / total if total else 0.0
+    return out

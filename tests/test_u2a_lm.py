@@ -1,0 +1,273 @@
+"""U2A on causal LMs: negatives, unlearning losses, DPO / reward objectives, LoRA run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from negpref import losses
+from negpref.data import collate, encode_qa, load_records
+from negpref.errors import NegprefError
+from negpref.logprobs import sequence_logps
+from negpref.models import build_tokenizer, tiny_llama
+from negpref.u2a import U2AConfig, per_sample_grads, run_u2a, trainable
+from negpref.u2a_objectives import (
+    LMForgetTask,
+    NegDPOObjective,
+    RewardModelScorer,
+    RewardObjective,
+    _leave_one_out_baseline,
+    load_negatives,
+    load_reward_fn,
+    refusal_keywords,
+)
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def forget01():
+    return load_records(TOFU / "forget01.json", ("question", "answer"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(forget01):
+    return build_tokenizer([r["question"] + " " + r["answer"] for r in forget01], vocab_size=400)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_llama(len(tokenizer), seed=0)
+
+
+def _negatives(records, n=6):
+    return [
+        {"id": str(i), "prompt": r["question"], "response": r["answer"]}
+        for i, r in enumerate(records[:n])
+    ]
+
+
+def test_load_negatives_accepts_three_schemas(tmp_path):
+    tofu = load_negatives(TOFU / "forget01.json")
+    assert len(tofu) == 40 and tofu[0]["id"] == "0" and set(tofu[0]) == {"id", "prompt", "response"}
+    path = tmp_path / "neg.jsonl"
+    rows = [
+        {"id": "a", "prompt": "p1", "response": "bad one"},
+        {"prompt": "p2", "rejected": ["bad two", "bad three"], "chosen": "good"},
+        {
+            "prompt": [{"role": "user", "content": "p3"}],
+            "rejected": [{"role": "assistant", "content": "bad four"}],
+        },
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    got = load_negatives(path)
+    assert [g["id"] for g in got] == ["a", "1/0", "1/1", "2"]
+    assert [g["response"] for g in got] == ["bad one", "bad two", "bad three", "bad four"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(NegprefError, match="record 0: a negative sample needs fields"):
+        load_negatives(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(NegprefError, match="empty"):
+        load_negatives(empty)
+
+
+def test_forget_losses_are_negpref_losses(model, tokenizer, forget01):
+    negatives = _negatives(forget01)
+    ga = LMForgetTask(model, tokenizer, negatives, "ga", max_length=128)
+    npo = LMForgetTask(model, tokenizer, negatives, "npo", npo_beta=0.5, max_length=128)
+    batch = ga.batch([0, 2, 5])
+    logps = sequence_logps(model, batch).logps
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    assert ga.loss(model, batch, weights).item() == pytest.approx(losses.ga(logps, weights).item())
+    # at theta_0 every NPO term is (2/beta) log 2
+    assert npo.loss(model, npo.batch([0, 2, 5])).item() == pytest.approx(
+        4 * torch.log(torch.tensor(2.0)).item()
+    )
+    with pytest.raises(NegprefError, match="needs a retain set"):
+        LMForgetTask(model, tokenizer, negatives, "graddiff")
+    retain = _negatives(forget01[10:], 4)
+    gd = LMForgetTask(
+        model, tokenizer, negatives, "graddiff", max_length=128, retain=retain, batch_size=2
+    )
+    out = sequence_logps(
+        model,
+        collate([encode_qa(tokenizer, r["prompt"], r["response"], 128) for r in retain[2:4]], 0),
+    )
+    assert gd.retain_loss(model, 1).item() == pytest.approx(
+        losses.nll(out.logps, out.n_tokens).item()
+    )
+
+
+def test_lm_per_sample_grads_vmap_equals_loop_with_lora(model, tokenizer, forget01):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    with torch.no_grad():  # LoRA's B starts at zero; move it so every factor has a gradient
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    for loss in ("ga", "npo"):
+        task = LMForgetTask(lora, tokenizer, _negatives(forget01, 5), loss, max_length=128)
+        fast = per_sample_grads(lora, task, [4, 0, 2], vectorized=True)
+        slow = per_sample_grads(lora, task, [4, 0, 2], vectorized=False)
+        assert set(fast) == set(trainable(lora)) and len(fast) == 8
+        for name in fast:
+            torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6)
+    assert lora.get_base_model().config._attn_implementation == "sdpa"  # restored after vmap
+
+
+def test_neg_dpo_objective_value_and_chunk_invariant_gradient(model, tokenizer, forget01):
+    pairs = [
+        {"prompt": r["question"], "chosen": r["answer"], "rejected": forget01[-1 - i]["answer"]}
+        for i, r in enumerate(forget01[:5])
+    ]
+    params = list(trainable(model).values())
+    small = NegDPOObjective(model, tokenizer, pairs, beta=0.1, max_length=128, batch_size=2)
+    whole = NegDPOObjective(model, tokenizer, pairs, beta=0.1, max_length=128, batch_size=5)
+    j_small, g_small = small.value_and_grad(model, params)
+    j_whole, g_whole = whole.value_and_grad(model, params)
+    assert j_small == pytest.approx(-torch.log(torch.tensor(2.0)).item())  # at the reference
+    assert j_whole == pytest.approx(j_small)
+    for a, b in zip(g_small, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert sum(float(g.abs().sum()) for g in g_small) > 0
+
+
+def test_leave_one_out_baseline_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 0.0, 3.0, 3.0]).double()
+    torch.testing.assert_close(
+        _leave_one_out_baseline(rewards, 3), torch.tensor([3.0, 2.5, 1.5, 3.0, 1.5, 1.5]).double()
+    )
+    torch.testing.assert_close(
+        _leave_one_out_baseline(rewards[:3], 1), torch.tensor([3.0, 2.5, 1.5]).double()
+    )
+    assert _leave_one_out_baseline(torch.tensor([5.0]).double(), 1).item() == 0.0
+
+
+def _token_reward(prompt, response):
+    return float(len(response) % 3) - 1.0
+
+
+def test_reward_objective_score_function_gradient_is_unbiased(model, tokenizer):
+    """One-token responses: J = sum_v pi(v|x) r(v) exactly; the REINFORCE estimate with many
+    samples must point the same way and have the same size."""
+    prompts = ["Who wrote the book?", "Where was she born?"]
+    objective = RewardObjective(
+        tokenizer,
+        prompts,
+        _token_reward,
+        samples_per_prompt=1000,
+        max_new_tokens=1,
+        seed=1,
+        batch_size=1000,
+    )
+    params = list(trainable(model).values())
+    value, estimate = objective.value_and_grad(model, params)
+    vocab_rewards = torch.tensor(
+        [
+            _token_reward(None, tokenizer.decode([v], skip_special_tokens=True))
+            for v in range(len(tokenizer))
+        ]
+    ).double()
+    exact_j = 0.0
+    for ids in objective.prompt_ids:
+        probs = model(input_ids=torch.tensor([ids])).logits[0, -1].double().softmax(-1)
+        exact_j = exact_j + (probs * vocab_rewards).sum() / len(prompts)
+    exact = torch.autograd.grad(exact_j, params, allow_unused=True)
+    exact = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, exact)]
+    ).double()
+    estimate = torch.cat([g.reshape(-1) for g in estimate]).double()
+    cosine = float(estimate @ exact / (estimate.norm() * exact.norm()))
+    assert value == pytest.approx(exact_j.item(), abs=0.05)
+    assert cosine > 0.85
+    assert float(estimate @ exact / exact.norm() ** 2) == pytest.approx(1.0, abs=0.2)
+    # common random numbers: the same draw on every call
+    assert objective.value(model) == pytest.approx(value)
+
+
+def test_rewards_registry_and_reward_model(tmp_path, tokenizer):
+    assert refusal_keywords("p", "I'm sorry, but I cannot help with that.") == 1.0
+    assert refusal_keywords("p", "Sure, here is how to do it.") == 0.0
+    assert load_reward_fn("refusal_keywords") is refusal_keywords
+    assert load_reward_fn("tests.test_u2a_lm:_token_reward")("p", "ab") == 1.0
+    for spec, message in (("nope", "not a registered reward"), ("negpref.nope:f", "cannot import")):
+        with pytest.raises(NegprefError, match=message):
+            load_reward_fn(spec)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(config).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(tmp_path / "rm")
+    ids = tokenizer("Who is she?\nA writer.", return_tensors="pt")
+    assert scorer("Who is she?", "A writer.") == pytest.approx(
+        rm(**ids).logits[0, 0].item(), rel=1e-5
+    )
+    with pytest.raises(NegprefError, match="not a model directory"):
+        RewardModelScorer(tmp_path)
+
+
+def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    frozen = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
+    task = LMForgetTask(
+        lora, tokenizer, _negatives(forget01, 10), "npo", max_length=128, batch_size=4
+    )
+    pairs = [
+        {"prompt": r["question"], "chosen": r["answer"], "rejected": forget01[-1 - i]["answer"]}
+        for i, r in enumerate(forget01[20:24])
+    ]
+    objective = NegDPOObjective(lora, tokenizer, pairs, max_length=128)
+    cfg = U2AConfig(
+        rounds=3,
+        init_size=3,
+        per_round=2,
+        delta=-1.0,
+        hessian="cg",
+        cg_iters=3,
+        inner_steps=3,
+        inner_lr=1e-2,
+        batch_size=4,
+        grad_chunk=4,
+    )
+    result = run_u2a(lora, task, objective, cfg)
+    assert [r["set_size"] for r in result.log] == [0, 3, 5, 7]
+    assert len(set(result.selected)) == 7 and sum(result.weights) == pytest.approx(1.0)
+    assert len({round(w, 9) for w in result.weights}) > 1  # mirror descent moved the weights
+    assert result.objective_initial == pytest.approx(-torch.log(torch.tensor(2.0)).item())
+    assert result.objective_final != result.objective_initial
+    for name, p in lora.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), name
+    assert any(
+        float(p.detach().abs().sum()) > 0 for n, p in lora.named_parameters() if "lora_B" in n
+    )
