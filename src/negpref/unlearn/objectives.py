@@ -1,0 +1,215 @@
+"""The unlearning objective: one forget loss plus the retain terms of the NPO paper's eq. 17.
+
+``loss = c_forget * L_forget + c_rt * L_RT + c_rtkl * K_RT - c_fgkl * K_FG``
+
+A *forget loss* is a small function of the per-sequence log-probs of a step (``StepLogps``)
+and the config, registered with the sequence groups it reads:
+
+- ``forget``: forget question + its answer (the text to unlearn),
+- ``refusal``: forget question + a refusal answer ("I don't know", IDK/DPO/KTO),
+- ``retain``: retain question + answer (the RT and retain-KL terms).
+
+A *preset* names a forget loss and default weights (Table 2 of the NPO paper). Adding a
+method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS`` entry; the engine
+reads only the registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from negpref import losses
+
+GROUPS = ("forget", "refusal", "retain")
+
+
+@dataclass
+class GroupLogps:
+    """Policy (and, where used, reference) log-probs of one sequence group in a micro-batch."""
+
+    logps: torch.Tensor  # [n] summed answer-token log-probs under the policy
+    n_tokens: torch.Tensor  # [n] answer tokens per sequence
+    ref_logps: torch.Tensor | None = None  # [n] same under the frozen reference
+    logits: torch.Tensor | None = None  # [n, T, V] policy logits (KL terms only)
+    ref_logits: torch.Tensor | None = None  # [n, T', V] reference logits (KL terms only)
+    mask: torch.Tensor | None = None  # [n, T] answer mask aligned with logits
+
+
+@dataclass
+class StepLogps:
+    """Everything a loss may read for one micro-batch: groups by name, forget-item weights."""
+
+    groups: dict[str, GroupLogps]
+    weights: torch.Tensor | None = None  # per forget item (U2A weighting), or None
+
+    def __getitem__(self, group: str) -> GroupLogps:
+        return self.groups[group]
+
+
+@dataclass(frozen=True)
+class ForgetLoss:
+    """A forget term: ``fn(step, beta, gamma) -> scalar`` and the groups it needs."""
+
+    fn: Callable[[StepLogps, float, float], torch.Tensor]
+    groups: tuple[str, ...]  # sequence groups it reads
+    ref_groups: tuple[str, ...] = ()  # groups whose reference log-probs it reads
+    description: str = ""
+
+
+def _ga(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.ga(s["forget"].logps, s.weights)
+
+
+def _npo(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.npo(s["forget"].logps, s["forget"].ref_logps, beta, s.weights)
+
+
+def _simnpo(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.simnpo(s["forget"].logps, s["forget"].n_tokens, beta, gamma, s.weights)
+
+
+def _idk(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.nll(s["refusal"].logps, s["refusal"].n_tokens, s.weights)
+
+
+def _dpo(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    chosen, rejected = s["refusal"], s["forget"]
+    return losses.dpo(
+        chosen.logps, rejected.logps, chosen.ref_logps, rejected.ref_logps, beta, s.weights
+    )
+
+
+def kto_z_ref(refusal: GroupLogps, beta: float) -> torch.Tensor:
+    """Eq. 19's ``z_ref = beta * KL(pi || pi_ref)``, estimated like the KTO paper.
+
+    The estimate is the batch-mean log-ratio of *unrelated* outputs (the forget questions
+    with refusal answers); ``losses.kto`` detaches it and clips it at 0.
+    """
+    return beta * (refusal.logps - refusal.ref_logps).mean()
+
+
+def _kto(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    z_ref = kto_z_ref(s["refusal"], beta)
+    return losses.kto(s["forget"].logps, s["forget"].ref_logps, beta, z_ref, s.weights)
+
+
+def _sft(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.nll(s["forget"].logps, s["forget"].n_tokens, s.weights)
+
+
+FORGET_LOSSES: dict[str, ForgetLoss] = {
+    "ga": ForgetLoss(_ga, ("forget",), (), "gradient ascent on the forget answers"),
+    "npo": ForgetLoss(_npo, ("forget",), ("forget",), "negative preference optimization"),
+    "simnpo": ForgetLoss(_simnpo, ("forget",), (), "reference-free, length-normalised NPO"),
+    "idk": ForgetLoss(_idk, ("refusal",), (), "NLL of a refusal answer to the forget question"),
+    "dpo": ForgetLoss(
+        _dpo, ("forget", "refusal"), ("forget", "refusal"), "DPO: refusal chosen, answer rejected"
+    ),
+    "kto": ForgetLoss(
+        _kto, ("forget", "refusal"), ("forget", "refusal"), "KTO, NPO paper eqs. 18-19"
+    ),
+    "sft": ForgetLoss(_sft, ("forget",), (), "fine-tune on the records (NLL, descending)"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named method: its forget loss and the default weights and temperature."""
+
+    forget_loss: str
+    c_forget: float = 1.0
+    c_rt: float = 0.0
+    c_rtkl: float = 0.0
+    c_fgkl: float = 0.0
+    beta: float = 0.1
+    gamma: float = 0.0
+    description: str = field(default="", compare=False)
+
+
+PRESETS: dict[str, Preset] = {
+    "GA": Preset("ga"),
+    "GA+RT": Preset("ga", c_rt=1.0),
+    "GA+KL": Preset("ga", c_rtkl=1.0),
+    "IDK+RT": Preset("idk", c_rt=1.0),
+    "DPO": Preset("dpo"),
+    "DPO+RT": Preset("dpo", c_rt=1.0),
+    "DPO+KL": Preset("dpo", c_rtkl=1.0),
+    "KTO": Preset("kto"),
+    "KTO+RT": Preset("kto", c_rt=1.0),
+    "NPO": Preset("npo"),
+    "NPO+RT": Preset("npo", c_rt=1.0),
+    "NPO+KL": Preset("npo", c_rtkl=1.0),
+    # SimNPO's own TOFU setting (Fan et al. 2024): beta 2.5, margin gamma 0.
+    "SimNPO": Preset("simnpo", beta=2.5),
+    "SimNPO+RT": Preset("simnpo", c_rt=1.0, beta=2.5),
+    # Not unlearning: descend the NLL of the `forget` records, i.e. fine-tune on them.
+    "SFT": Preset("sft"),
+}
+
+
+def canonical_preset(name: str) -> str | None:
+    """The registered spelling of ``name`` (case-insensitive), or None."""
+    by_lower = {k.lower(): k for k in PRESETS}
+    return by_lower.get(name.strip().lower())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Eq. 17 with resolved weights: what a step computes and which sequences it needs."""
+
+    forget_loss: ForgetLoss
+    c_forget: float
+    c_rt: float
+    c_rtkl: float
+    c_fgkl: float
+    beta: float
+    gamma: float
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Sequence groups of one batched forward, in a fixed order."""
+        needed = set(self.forget_loss.groups)
+        if self.c_rt or self.c_rtkl:
+            needed.add("retain")
+        if self.c_fgkl:
+            needed.add("forget")
+        return tuple(g for g in GROUPS if g in needed)
+
+    @property
+    def ref_logp_groups(self) -> tuple[str, ...]:
+        """Groups whose reference *log-probs* the loss reads (precomputable once)."""
+        return self.forget_loss.ref_groups
+
+    @property
+    def ref_logit_groups(self) -> tuple[str, ...]:
+        """Groups whose reference *logits* the KL terms read (a live reference forward)."""
+        return tuple(g for g, c in (("forget", self.c_fgkl), ("retain", self.c_rtkl)) if c)
+
+    def __call__(self, step: StepLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its unweighted parts (detached, for logging) for one micro-batch."""
+        l_forget = self.forget_loss.fn(step, self.beta, self.gamma)
+        total = self.c_forget * l_forget
+        parts = {"loss/forget": l_forget.detach()}
+        if self.c_rt:
+            retain = step["retain"]
+            l_retain = losses.nll(retain.logps, retain.n_tokens)
+            total = total + self.c_rt * l_retain
+            parts["loss/retain"] = l_retain.detach()
+        if self.c_rtkl:
+            k_retain = _group_kl(step["retain"])
+            total = total + self.c_rtkl * k_retain
+            parts["loss/retain_kl"] = k_retain.detach()
+        if self.c_fgkl:
+            k_forget = _group_kl(step["forget"])
+            total = total - self.c_fgkl * k_forget
+            parts["loss/forget_kl"] = k_forget.detach()
+        return total, parts
+
+
+def _group_kl(g: GroupLogps) -> torch.Tensor:
+    """Token-level KL(pi || pi_ref) on answer tokens; the reference batch may be narrower."""
+    width = g.ref_logits.shape[1]
+    return losses.kl(g.logits[:, :width], g.ref_logits, g.mask[:, :width])

@@ -1,0 +1,450 @@
+"""``run(config) -> UnlearnResult``: load, precompute the reference, train, checkpoint, save.
+
+Reads top to bottom: inputs are checked before anything is written; the run directory gets
+``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
+results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
+the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``) and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from negpref.config import config_to_dict
+from negpref.errors import NegprefError
+from negpref.io import append_jsonl, atomic_write_json, atomic_write_text, check_out_dir
+from negpref.models import ModelSpec, ensure_pad_token, load_model, save_model
+from negpref.unlearn import checkpoint as ckpt
+from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
+from negpref.unlearn.dataset import (
+    UnlearnData,
+    build_data,
+    check_qa_records,
+    count_overlap,
+    load_idk,
+    load_qa_file,
+    record_fields,
+)
+from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
+from negpref.unlearn.objectives import Objective
+
+REF_CACHE = "reference_logps.safetensors"
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: the optimizer step done so far (0 = initial model)."""
+
+    step: int
+    epoch: float
+    total_steps: int
+    out_dir: Path
+
+
+@dataclass
+class UnlearnResult:
+    model: Any  # the trained model (a peft model with LoRA; merged with merge=True)
+    tokenizer: Any
+    out_dir: Path
+    metrics: list[dict] = field(default_factory=list)  # one dict per optimizer step
+    evals: list[dict] = field(default_factory=list)  # callback results with step/epoch
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Inputs:
+    forget: list[dict]
+    retain: list[dict] | None
+    idk: list[str] | None
+    warnings: list[str]
+
+
+def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
+    """Records from memory or files, checked against what the objective reads."""
+    warnings: list[str] = []
+    if forget is None:
+        if not config.forget:
+            raise NegprefError("--forget: required (a JSON/JSONL file of question/answer records)")
+        forget = load_qa_file(config.forget, "forget records")
+    forget = check_qa_records(list(forget), "forget records")
+    if config.limit:
+        forget = forget[: config.limit]
+    groups = objective.groups
+    if "refusal" in groups:
+        if record_fields(forget[0]) != ("question", "answer"):
+            raise NegprefError(
+                f"--method {config.method}: needs question/answer forget records, got text records"
+            )
+        if idk is None:
+            if not config.idk:
+                raise NegprefError(
+                    f"--idk: method {config.method} needs refusal answers, one per line "
+                    "(e.g. tofu/idontknow.jsonl)"
+                )
+            idk = load_idk(config.idk)
+        if not idk:
+            raise NegprefError("--idk: no refusal answers given")
+    elif idk is not None or config.idk:
+        warnings.append(f"refusal answers are not used by method {config.method}")
+        idk = None
+    if "retain" in groups:
+        if retain is None:
+            if not config.retain:
+                raise NegprefError(
+                    f"--retain: method {config.method} (c_rt={config.c_rt}, "
+                    f"c_rtkl={config.c_rtkl}) needs a retain set"
+                )
+            retain = load_qa_file(config.retain, "retain records")
+        retain = check_qa_records(list(retain), "retain records")
+        overlap = count_overlap(forget, retain)
+        if overlap:
+            warnings.append(
+                f"{overlap} of {len(forget)} forget records also appear in the retain set; the "
+                "retain term will pull them back",
+            )
+    elif retain is not None or config.retain:
+        warnings.append(f"the retain set is not used by method {config.method}")
+        retain = None
+    return _Inputs(forget, retain, idk, warnings)
+
+
+def _load_model(config, model, tokenizer, device):
+    """The caller's model (copied: theirs stays untouched) or the one named in the config."""
+    if model is not None:
+        if tokenizer is None:
+            raise NegprefError("run(): pass the tokenizer together with the model")
+        model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
+        ensure_pad_token(tokenizer)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model.to(device), tokenizer
+    if not (config.model or config.gguf):
+        raise NegprefError("--model: required (a model directory, or --gguf FILE)")
+    spec = ModelSpec(
+        path=config.model,
+        gguf=config.gguf,
+        # bf16 weights would round lr-1e-5 updates away: keep float32 masters, autocast instead.
+        dtype="float32" if config.dtype == "auto" else config.dtype,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return load_model(spec, device)
+
+
+def _trackers() -> list[str] | None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return None
+    return ["tensorboard"]
+
+
+def _check_resume(out: Path, config_dict: dict) -> Path | None:
+    """The checkpoint to continue from, after checking the run used the same settings."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise NegprefError(f"--resume: {out} holds no negpref run (no config.yaml)")
+        return None
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = [
+        f"{k} ({saved.get(k)!r} -> {v!r})"
+        for k, v in config_dict.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
+    if changed:
+        raise NegprefError(
+            f"--resume: {out} was started with other settings: {', '.join(changed)}; resume "
+            "with the same settings or start a new run"
+        )
+    return ckpt.latest_checkpoint(out)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the lines logged up to ``last_step`` (a resumed run redoes the later ones)."""
+    if not path.is_file():
+        path.touch()
+        return []
+    kept = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [r for r in kept if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool) -> float:
+    """Load the run's precomputed reference, or compute and store it; seconds spent."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    groups = engine.precomputed_groups
+    if not groups:
+        return 0.0
+    path = out / REF_CACHE
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata().get("fingerprint") == fingerprint and set(groups) <= set(f.keys()):
+                engine.data.ref_logps = {g: f.get_tensor(g) for g in groups}
+                return 0.0
+    start = time.perf_counter()
+    engine.precompute_reference()
+    seconds = time.perf_counter() - start
+    if is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(engine.data.ref_logps, str(tmp), metadata={"fingerprint": fingerprint})
+        os.replace(tmp, path)
+    return seconds
+
+
+def _save_final(engine: Engine, tokenizer, out: Path, config) -> tuple[Any, dict[str, str]]:
+    """Write the final model (staged, then renamed); return the model to hand back."""
+    model = engine.unwrapped
+    written: dict[str, str] = {}
+
+    def staged(name: str, save) -> None:
+        target, stage = out / name, out / f".{name}.partial"
+        shutil.rmtree(stage, ignore_errors=True)
+        save(stage)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(stage, target)
+        written[f"{name}_dir"] = str(target)
+
+    is_main = engine.accelerator.is_main_process
+    if config.lora:
+        if is_main and config.save_model:
+            staged("adapter", lambda d: save_model(model, tokenizer, d))
+        if config.merge:
+            model = model.merge_and_unload()
+    if is_main and config.save_model and (config.merge or not config.lora):
+        staged("model", lambda d: save_model(model, tokenizer, d))
+    return model, written
+
+
+def run(
+    config: UnlearnConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    forget_records: Sequence[dict] | None = None,
+    retain_records: Sequence[dict] | None = None,
+    idk_answers: Sequence[str] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> UnlearnResult:
+    """Unlearn ``config.forget`` from ``config.model`` (or the given model and records).
+
+    ``callbacks``: objects with optional ``on_evaluate(state, model, tokenizer) -> dict``
+    (step 0, then every ``eval_every`` steps or each epoch end, and the last step; main
+    process) and ``on_step_end(state, metrics)`` (every step, every process).
+    """
+    config = config.resolved()
+    objective = config.objective()
+    if not config.out:
+        raise NegprefError("--out: required (the run directory)")
+    out = check_out_dir(config.out, overwrite=config.overwrite, resume=config.resume)
+    config_dict = config_to_dict(config)
+    resume_from = _check_resume(out, config_dict) if config.resume else None
+    inputs = _load_inputs(config, objective, forget_records, retain_records, idk_answers)
+
+    accelerator = make_accelerator(config, project_dir=str(out), trackers=_trackers())
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    data: UnlearnData = build_data(
+        tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
+    )
+    warnings = inputs.warnings
+    for group, n in data.truncated.items():
+        if n:
+            warnings.append(
+                f"{n} {group} sequences truncated to --max-length {config.max_length} tokens",
+            )
+    if accelerator.is_main_process:
+        for message in warnings:
+            print(f"negpref unlearn: warning: {message}", file=sys.stderr)
+    fingerprint = data.fingerprint()
+
+    is_main = accelerator.is_main_process
+    if is_main:
+        if config.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+    accelerator.wait_for_everyone()
+
+    engine = Engine(config, objective, model, tokenizer, data, accelerator)
+    if engine.is_lora:
+        accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
+    precompute_s = _reference_cache(engine, out, fingerprint, is_main)
+
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from, trainable_only=engine.is_lora)
+        if state["fingerprint"] != fingerprint:
+            raise NegprefError(
+                f"--resume: the data differ from the run's (fingerprint {fingerprint} vs "
+                f"{state['fingerprint']}); resume with the same files and seed"
+            )
+        start_step = state["step"]
+    log = _RunLog(out, accelerator, keep_through=start_step if resume_from is not None else -1)
+    state = TrainState(start_step, engine.epoch_of(start_step), engine.total_steps, out)
+
+    def trainer_state(step: int) -> dict:
+        return {
+            "step": step,
+            "epoch": engine.epoch_of(step),
+            "data_position": step * engine.effective_batch,
+            "seed": config.seed,
+            "fingerprint": fingerprint,
+        }
+
+    def evaluate() -> None:
+        if is_main:
+            for cb in callbacks:
+                if hasattr(cb, "on_evaluate"):
+                    with eval_mode(engine.unwrapped) as m:
+                        values = cb.on_evaluate(state, m, tokenizer)
+                    log.evaluation({"step": state.step, "epoch": state.epoch, **(values or {})})
+        accelerator.wait_for_everyone()
+
+    train_start = time.perf_counter()
+    if start_step == 0:
+        evaluate()
+    bar = _progress_bar(engine, config, start_step, is_main)
+    engine.model.train()
+    for step in range(start_step + 1, engine.total_steps + 1):
+        t0 = time.perf_counter()
+        metrics = engine.train_step(step - 1)
+        seconds = time.perf_counter() - t0
+        finite, tokens = metrics.pop("finite"), metrics.pop("tokens")
+        metrics = {
+            "step": step,
+            "epoch": round(engine.epoch_of(step), 6),
+            **metrics,
+            "step_s": seconds,
+            "tokens_per_s": tokens / seconds,
+        }
+        log.step(metrics)
+        if not finite:
+            _stop_non_finite(accelerator, out, step, metrics, trainer_state, config)
+        state.step, state.epoch = step, engine.epoch_of(step)
+        for cb in callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(state, metrics)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[m]:.4g}" for k, m in _BAR_FIELDS if m in metrics})
+        last = step == engine.total_steps
+        if last or _due(engine, step, config.eval_every):
+            evaluate()
+        if config.save_every >= 0 and (last or _due(engine, step, config.save_every)):
+            ckpt.save_checkpoint(accelerator, out, step, trainer_state(step))
+    bar.close()
+    train_s = time.perf_counter() - train_start
+
+    model, written = _save_final(engine, tokenizer, out, config)
+    summary = {
+        "method": config.method,
+        "objective": {
+            "forget_loss": objective.forget_loss.description,
+            **{k: getattr(config, k) for k in ("c_forget", "c_rt", "c_rtkl", "c_fgkl", "beta")},
+        },
+        "steps": engine.total_steps,
+        "epochs": config.epochs,
+        "effective_batch": engine.effective_batch,
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "n_forget": data.n_forget,
+        "n_retain": len(data.retain),
+        "truncated": data.truncated,
+        "ref_mode": config.ref_mode,
+        "live_reference_groups": list(engine.live_ref_groups),
+        "precompute_s": precompute_s,
+        "train_s": train_s,
+        "resumed_from_step": start_step if resume_from is not None else None,
+        "final_metrics": log.metrics[-1] if log.metrics else {},
+        "warnings": warnings,
+        **written,
+    }
+    if is_main:
+        atomic_write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
+    return UnlearnResult(model, tokenizer, out, log.metrics, log.evals, summary)
+
+
+_BAR_FIELDS = (("loss", "loss"), ("logp_fg", "logps/forget"), ("nll_rt", "nll/retain"))
+
+
+def _progress_bar(engine: Engine, config, start_step: int, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=engine.total_steps,
+        initial=start_step,
+        desc=f"unlearn {config.method}",
+        disable=not is_main or None,
+        dynamic_ncols=True,
+    )
+
+
+def _due(engine: Engine, step: int, every: int) -> bool:
+    """Every ``every`` steps, or at each epoch end when ``every`` is 0."""
+    return step % every == 0 if every > 0 else engine.epoch_boundary(step)
+
+
+class _RunLog:
+    """``metrics.jsonl``, ``evals.jsonl`` and TensorBoard; lines after a resume point dropped."""
+
+    def __init__(self, out: Path, accelerator, keep_through: int):
+        self.accelerator = accelerator
+        self.metrics_path, self.evals_path = out / "metrics.jsonl", out / "evals.jsonl"
+        self.metrics: list[dict] = []
+        self.evals: list[dict] = []
+        if accelerator.is_main_process:
+            self.metrics = _truncate_jsonl(self.metrics_path, keep_through)
+            self.evals = _truncate_jsonl(self.evals_path, keep_through)
+        if accelerator.log_with:
+            accelerator.init_trackers("tensorboard")
+
+    def step(self, metrics: dict) -> None:
+        self.metrics.append(metrics)
+        if self.accelerator.is_main_process:
+            append_jsonl(self.metrics_path, metrics)
+            if self.accelerator.log_with:
+                scalars = {k: v for k, v in metrics.items() if k != "step"}
+                self.accelerator.log(scalars, step=metrics["step"])
+
+    def evaluation(self, record: dict) -> None:
+        self.evals.append(record)
+        append_jsonl(self.evals_path, record)
+
+
+def _stop_non_finite(accelerator, out, step, metrics, trainer_state, config) -> None:
+    """Keep the weights from before the bad step as a checkpoint; stop naming the step."""
+    good = ckpt.latest_checkpoint(out)
+    if (
+        config.save_every >= 0
+        and step > 1
+        and (good is None or good.name != f"step-{step - 1:06d}")
+    ):
+        good = ckpt.save_checkpoint(accelerator, out, step - 1, trainer_state(step - 1))
+    where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])}
+    values = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise NegprefError(
+        f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied, "
+        f"{where}; lower --lr or check the data and model"
+    )

@@ -1,0 +1,433 @@
+"""Unlearning engine: step losses vs the paper's equations, reference paths, presets, run dir."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import negpref
+from negpref.data import collate, encode_qa, load_lines, load_records
+from negpref.logprobs import sequence_logps
+from negpref.models import build_tokenizer, tiny_llama
+from negpref.unlearn import FORGET_LOSSES, PRESETS, ForgetLoss, Preset, UnlearnConfig, run
+from negpref.unlearn.dataset import build_data
+from negpref.unlearn.engine import Engine, make_accelerator
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def forget():
+    return load_records(TOFU / "forget01.json", ("question", "answer"))[:8]
+
+
+@pytest.fixture(scope="module")
+def retain():
+    return load_records(TOFU / "retain90.json", ("question", "answer"))[:6]
+
+
+@pytest.fixture(scope="module")
+def idk():
+    return load_lines(TOFU / "idontknow.jsonl")[:5]
+
+
+@pytest.fixture(scope="module")
+def tok(forget, retain, idk):
+    texts = [r["question"] + " " + r["answer"] for r in forget + retain] + idk
+    return build_tokenizer(texts, vocab_size=400)
+
+
+def config(tmp_path, **changes):
+    base = dict(
+        out=str(tmp_path / "run"),
+        batch_size=4,
+        grad_accum=1,
+        epochs=1,
+        warmup=0,
+        lr=1e-3,
+        save_every=-1,
+        save_model=False,
+    )
+    return UnlearnConfig(**{**base, **changes})
+
+
+def make_engine(cfg, tok, forget, retain, idk, model=None):
+    cfg = cfg.resolved()
+    data = build_data(tok, forget, retain, idk, cfg.max_length, cfg.seed)
+    model = model if model is not None else tiny_llama(len(tok), seed=0)
+    engine = Engine(cfg, cfg.objective(), model, tok, data, make_accelerator(cfg))
+    engine.precompute_reference()
+    return engine
+
+
+def perturb(model, seed=1, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def one(model, enc, pad_id, keep_logits=False):
+    """A sequence alone through the model: no batching, no padding."""
+    with torch.no_grad():
+        return sequence_logps(model, collate([enc], pad_id), keep_logits=keep_logits)
+
+
+def hand_step(method, policy, reference, data, pairs, pad_id, weights=None):
+    """Eq. 17 for one micro-batch, written from the NPO paper's formulas sequence by sequence."""
+    beta = PRESETS[method].beta
+    f_idx = [f for f, _ in pairs]
+    r_idx = [r for _, r in pairs]
+
+    def logps(model, seqs):
+        outs = [one(model, s, pad_id) for s in seqs]
+        return torch.stack([o.logps[0] for o in outs]), torch.stack([o.n_tokens[0] for o in outs])
+
+    lp_f, n_f = logps(policy, [data.forget[i] for i in f_idx])
+    ref_f, _ = logps(reference, [data.forget[i] for i in f_idx])
+    w = torch.ones(len(pairs)) if weights is None else weights[f_idx]
+
+    def mean(values):
+        return (w * values).sum() / w.sum()
+
+    name = PRESETS[method].forget_loss
+    if name in ("idk", "dpo", "kto"):
+        lp_r, n_r = logps(policy, [data.refusal[i] for i in f_idx])
+        ref_r, _ = logps(reference, [data.refusal[i] for i in f_idx])
+    if name == "ga":
+        forget_term = mean(lp_f)
+    elif name == "npo":  # eq. 3
+        forget_term = mean((2 / beta) * torch.log1p(torch.exp(beta * (lp_f - ref_f))))
+    elif name == "simnpo":
+        forget_term = mean(-(2 / beta) * F.logsigmoid(-beta * lp_f / n_f))
+    elif name in ("idk", "sft"):
+        forget_term = mean(-lp_r / n_r) if name == "idk" else mean(-lp_f / n_f)
+    elif name == "dpo":  # eq. 2 with the refusal as y_w and the forget answer as y_l
+        forget_term = mean(-F.logsigmoid(beta * ((lp_r - ref_r) - (lp_f - ref_f))))
+    elif name == "kto":  # eqs. 18-19, z_ref from refusal answers, clipped at 0
+        z_ref = torch.clamp(beta * (lp_r - ref_r).mean(), min=0)
+        forget_term = mean((2 / beta) * -F.logsigmoid(z_ref - beta * (lp_f - ref_f)))
+    total = forget_term
+    preset = PRESETS[method]
+    if preset.c_rt:
+        lp_rt, n_rt = logps(policy, [data.retain[i] for i in r_idx])
+        total = total + preset.c_rt * (-lp_rt / n_rt).mean()
+    if preset.c_rtkl:
+        kls = []
+        for i in r_idx:
+            p = one(policy, data.retain[i], pad_id, keep_logits=True)
+            q = one(reference, data.retain[i], pad_id, keep_logits=True)
+            logp, logq = p.logits.log_softmax(-1)[0], q.logits.log_softmax(-1)[0]
+            token_kl = (logp.exp() * (logp - logq)).sum(-1)
+            kls.append((token_kl * p.mask[0]).sum() / p.mask[0].sum())
+        total = total + preset.c_rtkl * torch.stack(kls).mean()
+    return total
+
+
+ALL_FORGET_LOSSES = ["GA", "NPO+RT", "SimNPO+RT", "IDK+RT", "DPO+KL", "KTO+RT", "GA+KL", "SFT"]
+
+
+@pytest.mark.parametrize("method", ALL_FORGET_LOSSES)
+def test_step_loss_matches_the_papers_equations(tmp_path, tok, forget, retain, idk, method):
+    engine = make_engine(config(tmp_path, method=method), tok, forget, retain, idk)
+    reference = tiny_llama(len(tok), seed=0)
+    perturb(engine.unwrapped)  # policy != reference, so every log-ratio term is non-trivial
+    pairs = engine.data.stream(0, 4)
+    micro = engine.data.micro_batch(pairs, engine.objective.groups)
+    engine.unwrapped.eval()
+    with torch.no_grad():
+        loss, stats, _ = engine.micro_loss(micro)
+    expected = hand_step(method, engine.unwrapped, reference, engine.data, pairs, tok.pad_token_id)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    if PRESETS[method].forget_loss in ("npo", "dpo", "kto"):
+        assert stats["logps/forget"] != pytest.approx(stats["logps/ref_forget"], abs=1e-2)
+
+
+def test_kto_z_ref_is_positive_somewhere_and_matches(tmp_path, tok, forget, retain, idk):
+    """KTO's baseline is only interesting when z_ref > 0: steer the policy to make it so."""
+    engine = make_engine(config(tmp_path, method="KTO"), tok, forget, retain, idk)
+    reference = tiny_llama(len(tok), seed=0)
+    pairs = engine.data.stream(0, 4)
+    micro = engine.data.micro_batch(pairs, engine.objective.groups)
+    opt = torch.optim.SGD(engine.unwrapped.parameters(), lr=0.05)
+    for _ in range(5):  # raise the refusal likelihood: log-ratio > 0
+        batch = collate(micro.encoded["refusal"], tok.pad_token_id)
+        (-sequence_logps(engine.unwrapped, batch).logps.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    engine.unwrapped.eval()
+    with torch.no_grad():
+        loss, stats, _ = engine.micro_loss(micro)
+    assert stats["logps/refusal"] > stats["logps/ref_refusal"]
+    expected = hand_step("KTO", engine.unwrapped, reference, engine.data, pairs, tok.pad_token_id)
+    npo_value = hand_step("NPO", engine.unwrapped, reference, engine.data, pairs, tok.pad_token_id)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() < npo_value.item() - 1e-3  # z_ref > 0 shifts the loss below NPO's
+
+
+def test_weighted_forget_items(tmp_path, tok, forget, retain, idk):
+    weighted = [{**r, "weight": w} for r, w in zip(forget, [1.0, 0.0, 2.0, 0.5] * 2, strict=True)]
+    engine = make_engine(config(tmp_path, method="NPO"), tok, weighted, None, None)
+    reference = tiny_llama(len(tok), seed=0)
+    perturb(engine.unwrapped)
+    pairs = engine.data.stream(0, 4)
+    with torch.no_grad():
+        loss, _, _ = engine.micro_loss(engine.data.micro_batch(pairs, engine.objective.groups))
+    expected = hand_step(
+        "NPO",
+        engine.unwrapped,
+        reference,
+        engine.data,
+        pairs,
+        tok.pad_token_id,
+        weights=engine.data.weights,
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def count_forwards(*models):
+    calls = []
+    for m in models:
+        m.register_forward_pre_hook(
+            lambda mod, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+        )
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("method", "ref_mode", "forward_rows"),
+    [
+        ("DPO", "precomputed", [8]),  # 4 forget + 4 refusal in one forward, no reference
+        ("DPO", "live", [8, 8]),  # one policy forward, one reference forward
+        ("NPO+RT", "precomputed", [8]),  # forget + retain together
+        ("NPO+KL", "precomputed", [8, 4]),  # the reference runs on the retain rows only
+    ],
+)
+def test_one_batched_forward_per_micro_batch(
+    tmp_path, tok, forget, retain, idk, method, ref_mode, forward_rows
+):
+    engine = make_engine(
+        config(tmp_path, method=method, ref_mode=ref_mode), tok, forget, retain, idk
+    )
+    models = [engine.unwrapped] + ([engine.frozen_ref] if engine.frozen_ref is not None else [])
+    calls = count_forwards(*models)
+    micro = engine.data.micro_batch(engine.data.stream(0, 4), engine.objective.groups)
+    engine.micro_loss(micro)
+    assert [shape[0] for shape in calls] == forward_rows
+
+
+def test_precomputed_reference_equals_live(tmp_path, tok, forget, retain, idk):
+    table = make_engine(config(tmp_path, method="DPO"), tok, forget, None, idk)
+    engine = make_engine(config(tmp_path, method="DPO", ref_mode="live"), tok, forget, None, idk)
+    assert table.frozen_ref is None and engine.frozen_ref is not None
+    assert engine.data.ref_logps == {}  # live mode computes no table
+    perturb(engine.unwrapped)  # the live reference is the frozen copy, not the policy
+    for start in (0, 4):
+        pairs = engine.data.stream(start, 4)
+        micro = table.data.micro_batch(pairs, table.objective.groups)
+        for group in ("forget", "refusal"):
+            batch = collate(micro.encoded[group], tok.pad_token_id)
+            live = engine.reference_forward(batch, keep_logits=False).logps
+            torch.testing.assert_close(live, micro.ref_logps[group], rtol=1e-6, atol=1e-5)
+
+    # Whole runs: the same curve either way.
+    kwargs = dict(forget_records=forget, idk_answers=idk, tokenizer=tok)
+    curves = {}
+    for mode in ("precomputed", "live"):
+        res = run(
+            config(tmp_path / mode, method="DPO", ref_mode=mode, epochs=2),
+            model=tiny_llama(len(tok), seed=0),
+            **kwargs,
+        )
+        curves[mode] = [m["loss"] for m in res.metrics]
+    assert len(curves["live"]) == 4
+    assert curves["live"] == pytest.approx(curves["precomputed"], abs=1e-5)
+    assert curves["live"][-1] < curves["live"][0]  # and it learns
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tok, forget, retain, idk):
+    base = tiny_llama(len(tok), seed=0)
+    engine = make_engine(
+        config(tmp_path, method="NPO", ref_mode="live", lora=True, lora_r=4),
+        tok,
+        forget,
+        None,
+        None,
+        model=tiny_llama(len(tok), seed=0),
+    )
+    assert engine.frozen_ref is None  # no second copy of the model
+    assert sum(p.numel() for p in engine.trainable) < sum(p.numel() for p in base.parameters())
+    for _ in range(3):
+        assert engine.train_step(_)["finite"]
+    batch = collate(engine.data.forget[:4], tok.pad_token_id)
+    with torch.no_grad():
+        expected = sequence_logps(base, batch).logps
+        policy = sequence_logps(engine.unwrapped, batch).logps
+    reference = engine.reference_forward(batch, keep_logits=False).logps
+    torch.testing.assert_close(reference, expected, rtol=1e-6, atol=1e-5)
+    assert (policy - expected).abs().max() > 1e-2  # the adapters did train
+
+
+def test_presets_follow_table_2_and_a_new_method_is_one_entry(tmp_path, tok, forget, monkeypatch):
+    assert {
+        "GA",
+        "GA+RT",
+        "GA+KL",
+        "IDK+RT",
+        "DPO",
+        "DPO+RT",
+        "DPO+KL",
+        "KTO",
+        "KTO+RT",
+        "NPO",
+        "NPO+RT",
+        "NPO+KL",
+        "SimNPO",
+        "SimNPO+RT",
+        "SFT",
+    } == set(PRESETS)
+    table2 = {  # c_GA / c_FG, c_RT, c_FGKL, c_RTKL
+        "GA": ("ga", 1, 0, 0, 0),
+        "GA+RT": ("ga", 1, 1, 0, 0),
+        "GA+KL": ("ga", 1, 0, 0, 1),
+        "IDK+RT": ("idk", 1, 1, 0, 0),
+    }
+    for name, (loss, c_forget, c_rt, c_fgkl, c_rtkl) in table2.items():
+        p = PRESETS[name]
+        assert (p.forget_loss, p.c_forget, p.c_rt, p.c_fgkl, p.c_rtkl) == (
+            loss,
+            c_forget,
+            c_rt,
+            c_fgkl,
+            c_rtkl,
+        )
+    for name, p in PRESETS.items():
+        assert p.forget_loss in FORGET_LOSSES
+        if p.forget_loss in ("npo", "dpo", "kto"):
+            assert p.beta == 0.1, name
+    objective = UnlearnConfig(method="dpo+kl", beta=0.5, c_rtkl=3).objective()
+    assert objective.groups == ("forget", "refusal", "retain")
+    assert objective.ref_logp_groups == ("forget", "refusal")
+    assert objective.ref_logit_groups == ("retain",)
+    assert (objective.beta, objective.c_rtkl, objective.c_forget) == (0.5, 3, 1)
+
+    # A new method: a loss function and two registry entries, nothing else.
+    def squared_logp(step, beta, gamma):
+        return (step["forget"].logps ** 2).mean() * -1e-4
+
+    monkeypatch.setitem(FORGET_LOSSES, "sq", ForgetLoss(squared_logp, ("forget",)))
+    monkeypatch.setitem(PRESETS, "SQ", Preset("sq"))
+    res = run(
+        config(tmp_path, method="sq"),
+        model=tiny_llama(len(tok), seed=0),
+        tokenizer=tok,
+        forget_records=forget,
+    )
+    assert res.summary["method"] == "SQ" and res.metrics[0]["loss/forget"] < 0
+
+
+def test_pairing_and_order_are_seeded(tok, forget, retain, idk):
+    def stream(seed):
+        return build_data(tok, forget, retain, idk, 256, seed).stream(0, 24)
+
+    assert stream(0) == stream(0) and stream(0) != stream(1)
+    pairs = stream(0)
+    for epoch in range(3):  # each epoch is a permutation of the forget set
+        assert sorted(f for f, _ in pairs[epoch * 8 : epoch * 8 + 8]) == list(range(8))
+    # 8 forget items, 6 retain items: an epoch's partners cover the retain set before repeating
+    assert set(r for _, r in pairs[:6]) == set(range(6))
+    refusals = build_data(tok, forget, retain, idk, 256, 0).refusal
+    assert refusals == build_data(tok, forget, retain, idk, 256, 0).refusal
+
+
+class Recorder:
+    def __init__(self):
+        self.evals, self.steps = [], []
+
+    def on_evaluate(self, state, model, tokenizer):
+        assert not model.training
+        self.evals.append(state.step)
+        batch = collate([encode_qa(tokenizer, "Who?", "Nobody.", 64)], tokenizer.pad_token_id)
+        with torch.no_grad():
+            return {"probe_logp": float(sequence_logps(model, batch).logps[0])}
+
+    def on_step_end(self, state, metrics):
+        assert metrics["step"] == state.step and state.total_steps == 5
+        self.steps.append(state.step)
+
+
+def test_run_directory_metrics_callbacks_and_api(tmp_path, tok, forget, retain, capsys):
+    recorder = Recorder()
+    cfg = config(
+        tmp_path,
+        method="NPO+RT",
+        batch_size=2,
+        grad_accum=2,
+        epochs=2.5,
+        max_length=80,
+        save_model=True,
+        save_every=0,
+    )
+    # negpref.unlearn is the package *and* the function.
+    res = negpref.unlearn(
+        cfg,
+        model=tiny_llama(len(tok), seed=0),
+        tokenizer=tok,
+        forget_records=forget,
+        retain_records=retain,
+        callbacks=[recorder],
+    )
+    out = Path(cfg.out)
+    # 8 items x 2.5 epochs / effective batch 4 = 5 steps; epochs end after steps 2 and 4.
+    assert res.summary["steps"] == 5 and recorder.steps == [1, 2, 3, 4, 5]
+    assert recorder.evals == [0, 2, 4, 5]
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(res.metrics))
+    keys = {
+        "loss",
+        "loss/forget",
+        "loss/retain",
+        "logps/forget",
+        "logps/ref_forget",
+        "npo/weight",
+        "nll/retain",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "step",
+        "epoch",
+    }
+    assert keys <= set(lines[0])
+    assert lines[0]["npo/weight"] == pytest.approx(1.0, abs=1e-5)  # policy == reference
+    assert lines[-1]["logps/forget"] < lines[0]["logps/forget"]
+    assert [ln["epoch"] for ln in lines] == [0.5, 1.0, 1.5, 2.0, 2.5]
+    evals = [json.loads(ln) for ln in (out / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4, 5] and evals == res.evals
+    saved = UnlearnConfig(**__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert saved.c_rt == 1.0 and saved.beta == 0.1 and saved.method == "NPO+RT"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truncated"]["forget"] > 0 and summary["truncated"]["forget"] == sum(
+        encode_qa(tok, r["question"], r["answer"], 80).truncated for r in forget
+    )
+    assert "truncated" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005"]
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+    reloaded = type(res.model).from_pretrained(out / "model")
+    for (name, a), b in zip(
+        res.model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -1,0 +1,78 @@
+"""Two CPU processes (accelerate launch, gloo) follow the single-process loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from negpref.data import load_records
+from negpref.models import build_tokenizer, save_model, tiny_llama
+from negpref.unlearn import UnlearnConfig, run
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    forget = load_records(TOFU / "forget01.json")[:8]
+    retain = load_records(TOFU / "retain90.json")[:8]
+    tok = build_tokenizer([r["question"] + " " + r["answer"] for r in forget + retain], 400)
+    save_model(tiny_llama(len(tok), seed=0), tok, tmp_path / "model")
+    for name, recs in (("forget", forget), ("retain", retain)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    common = dict(
+        model=str(tmp_path / "model"),
+        forget=str(tmp_path / "forget.jsonl"),
+        retain=str(tmp_path / "retain.jsonl"),
+        method="NPO+RT",
+        batch_size=2,
+        epochs=2,
+        lr=3e-3,
+        warmup=0.5,
+        cpu=True,
+        save_every=-1,
+    )
+    # Effective batch 4 either way: 1 process x 2 micro-batches, or 2 processes x 1.
+    single = run(UnlearnConfig(**common, grad_accum=2, out=str(tmp_path / "one")))
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate_cpu2.yaml"),
+            "-m",
+            "negpref.cli",
+            "unlearn",
+            "--cpu",
+            *flags,
+            "--grad-accum=1",
+            f"--out={tmp_path / 'two'}",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["processes"] == 2  # reported once
+    two = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == len(single.metrics) == 4
+    for a, b in zip(single.metrics, two, strict=True):
+        for key in ("loss", "loss/forget", "nll/retain", "npo/weight", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    weights = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name, value in single.model.state_dict().items():
+        if name in weights:
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
