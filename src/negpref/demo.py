@@ -1,0 +1,737 @@
+"""``negpref demo``: the whole unlearning study on fictitious authors, on a laptop CPU.
+
+1. A TOFU-like corpus (``negpref.data.fictitious``) and a BPE tokenizer trained on it; a small
+   Llama trained on every record (the *target*) and one trained on the retain split only (the
+   *retain* model, unlearning's gold standard). Both learn the general-knowledge facts. They
+   are cached, keyed by a hash of everything that determines them.
+2. Each method unlearns the forget split from the target with ``negpref.unlearn.run``; the
+   TOFU evaluation (``negpref.eval.TofuEvalCallback``) runs after every epoch.
+3. ``summary.json`` and a self-contained ``report.html`` (``negpref.report.demo_report``).
+
+The run is staged and renamed into ``--out`` at the end: a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from negpref import __version__
+from negpref.config import config_to_dict, require
+from negpref.data.fictitious import (
+    FACT_KEYS,
+    FORGET_PERCENTS,
+    CorpusConfig,
+    corpus_texts,
+    forget_author_count,
+    general_training_records,
+    generate_corpus,
+    split_name,
+    write_corpus,
+)
+from negpref.errors import NegprefError
+from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
+
+DEFAULT_METHODS = ("NPO", "NPO+RT", "GA", "GA+RT", "GA+KL", "IDK+RT", "DPO+RT")
+SPLITS = tuple(split_name("forget", p) for p in FORGET_PERCENTS)
+CACHE_ENV = "NEGPREF_CACHE_DIR"
+CACHE_FORMAT = 1  # bump when cached entries change meaning
+MAX_LENGTH = 96  # tokens; the longest corpus question + answer is well under this
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of a demo run: the corpus, the model, and both training loops."""
+
+    n_authors: int
+    train_phrasings: int
+    n_general: int
+    vocab_size: int
+    hidden_size: int
+    layers: int
+    heads: int
+    train_epochs: int
+    train_lr: float
+    train_batch: int
+    unlearn_epochs: int
+    unlearn_lr: float
+    unlearn_batch: int
+    # NPO/DPO inverse temperature. The paper's 0.1 is for TOFU answers of ~25 words; ours have
+    # ~8, so per-answer log-ratios are ~3x smaller and a ~3x larger beta matches them.
+    beta: float
+    max_new_tokens: int
+
+
+PROFILES = {
+    "default": Profile(
+        n_authors=40, train_phrasings=3, n_general=20, vocab_size=1024, hidden_size=96,
+        layers=3, heads=4, train_epochs=20, train_lr=5e-3, train_batch=32,
+        unlearn_epochs=10, unlearn_lr=5e-4, unlearn_batch=16, beta=0.3, max_new_tokens=32,
+    ),
+    "quick": Profile(
+        n_authors=20, train_phrasings=3, n_general=10, vocab_size=768, hidden_size=64,
+        layers=2, heads=4, train_epochs=20, train_lr=8e-3, train_batch=64,
+        unlearn_epochs=4, unlearn_lr=1e-3, unlearn_batch=16, beta=0.3, max_new_tokens=24,
+    ),
+}  # fmt: skip
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class DemoConfig:
+    """Settings of ``negpref demo``; sizes left unset come from the profile (default/quick)."""
+
+    out: str = field(default="runs/demo", metadata=_help("run directory (report.html, ...)"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing run directory"))
+    quick: bool = field(
+        default=False, metadata=_help("a smaller corpus, model and schedule (about a minute)")
+    )
+    seed: int = field(default=0, metadata=_help("seed of the corpus, models and data order"))
+    methods: list[str] = field(
+        default_factory=lambda: list(DEFAULT_METHODS),
+        metadata=_help("unlearning methods (negpref unlearn presets, any case, comma or space)"),
+    )
+    split: str = field(
+        default="forget10", metadata=_help("forget split (percent of authors)", choices=SPLITS)
+    )
+    cache_dir: str = field(
+        default="",
+        metadata=_help(
+            f"where trained models are cached (default ${CACHE_ENV} or ~/.cache/negpref)"
+        ),
+    )
+    n_authors: int | None = field(
+        default=None, metadata=_help("fictitious authors, 10..48 (profile: 40; quick: 20)")
+    )
+    train_epochs: int | None = field(
+        default=None,
+        metadata=_help("epochs of training the target and retain models (profile: 20)"),
+    )
+    unlearn_epochs: int | None = field(
+        default=None, metadata=_help("epochs of unlearning (profile: 10; quick: 4)")
+    )
+    unlearn_lr: float | None = field(
+        default=None, metadata=_help("unlearning learning rate (profile: 5e-4; quick: 1e-3)")
+    )
+    beta: float | None = field(
+        default=None,
+        metadata=_help("inverse temperature of NPO, DPO+RT, ... (profile: 0.3, for short answers)"),
+    )
+
+    def validate(self) -> None:
+        from negpref.unlearn.objectives import PRESETS, canonical_preset
+
+        names = [n.strip() for item in self.methods for n in item.split(",") if n.strip()]
+        require(bool(names), "methods", self.methods, "needs at least one method")
+        canonical = []
+        for name in names:
+            preset = canonical_preset(name)
+            if preset is None or preset == "SFT":
+                choices = ", ".join(p for p in PRESETS if p != "SFT")
+                raise NegprefError(f"--methods: unknown method {name!r}; choose from {choices}")
+            if preset not in canonical:
+                canonical.append(preset)
+        self.methods = canonical
+        require(self.split in SPLITS, "split", self.split, f"must be one of {', '.join(SPLITS)}")
+        for name in ("train_epochs", "unlearn_epochs"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be >= 1")
+        for name in ("unlearn_lr", "beta"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, value, "must be > 0")
+        if self.n_authors is not None:
+            self.corpus_config().validate()
+
+    def profile(self) -> Profile:
+        base = PROFILES["quick" if self.quick else "default"]
+        given = {
+            k: getattr(self, k)
+            for k in ("n_authors", "train_epochs", "unlearn_epochs", "unlearn_lr", "beta")
+            if getattr(self, k) is not None
+        }
+        return dataclasses.replace(base, **given)
+
+    def corpus_config(self) -> CorpusConfig:
+        p = self.profile()
+        return CorpusConfig(
+            n_authors=p.n_authors,
+            train_phrasings=p.train_phrasings,
+            n_general=p.n_general,
+            seed=self.seed,
+        )
+
+
+@contextlib.contextmanager
+def _without_load_bars():
+    """transformers' per-file load/save bars drown the demo's own progress; off meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def retain_split_of(split: str) -> str:
+    """``forget10`` -> ``retain90``: the complement TOFU trains the retain model on."""
+    return split_name("retain", 100 - int(split.removeprefix("forget")))
+
+
+def _say(message: str) -> None:
+    print(f"negpref demo: {message}", file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "negpref"
+
+
+def _digest(payload: dict) -> str:
+    text = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _versions() -> dict:
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "negpref": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "format": CACHE_FORMAT,
+    }
+
+
+# ------------------------------------------------------------------------------ models
+
+# Modules whose code decides what a trained model is: a change to any of them retrains.
+_TRAINING_CODE = (
+    "negpref.unlearn",
+    "negpref.models",
+    "negpref.logprobs",
+    "negpref.losses",
+    "negpref.data.qa",
+)
+
+
+def _code_digest() -> str:
+    import importlib
+
+    sources = []
+    for name in _TRAINING_CODE:
+        module = importlib.import_module(name)
+        paths = (
+            sorted(Path(module.__file__).parent.glob("*.py"))
+            if Path(module.__file__).name == "__init__.py"
+            else [Path(module.__file__)]
+        )
+        sources += [p.read_text(encoding="utf-8") for p in paths]
+    return hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest()[:16]
+
+
+def _model_overrides(p: Profile) -> dict:
+    return dict(
+        hidden_size=p.hidden_size,
+        intermediate_size=4 * p.hidden_size,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.heads,
+        max_position_embeddings=MAX_LENGTH,
+    )
+
+
+def train_model(records: list[dict], tokenizer, p: Profile, seed: int, work_dir: Path):
+    """Fine-tune a fresh small Llama on ``records`` (the engine's SFT preset): model, log."""
+    from negpref import unlearn
+    from negpref.models import tiny_llama
+
+    model = tiny_llama(len(tokenizer), seed, **_model_overrides(p))
+    config = unlearn.UnlearnConfig(
+        method="SFT",
+        lr=p.train_lr,
+        epochs=p.train_epochs,
+        batch_size=p.train_batch,
+        grad_accum=1,
+        warmup=1.0,
+        max_length=MAX_LENGTH,
+        seed=seed,
+        cpu=True,
+        out=str(work_dir),
+        save_every=-1,
+        save_model=False,
+    )
+    result = unlearn.run(config, model=model, tokenizer=tokenizer, forget_records=records)
+    losses = [m["loss"] for m in result.metrics]
+    log = {
+        "records": len(records),
+        "steps": len(losses),
+        "epochs": p.train_epochs,
+        "train_s": result.summary["train_s"],
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "loss_per_step": losses,
+    }
+    return result.model, log
+
+
+def _cached(entry: Path, build) -> tuple[Path, bool]:
+    """``entry`` if complete, else ``build(stage_dir)`` into a staging dir renamed to ``entry``."""
+    if (entry / "train.json").is_file():
+        return entry, True
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.partial-"))
+    try:
+        build(stage)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(stage, entry)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return entry, False
+
+
+_TRAINING_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "layers",
+    "heads",
+    "train_epochs",
+    "train_lr",
+    "train_batch",
+)
+
+
+def prepare_models(config: DemoConfig, corpus, cache_dir: Path) -> dict:
+    """Target and retain models (trained or from the cache) with their shared tokenizer."""
+    from negpref.models import ModelSpec, build_tokenizer, load_model, save_model
+
+    p = config.profile()
+    general = general_training_records(corpus)
+    base_key = _digest(
+        {
+            # the corpus itself (it also makes the tokenizer), so a new generator retrains
+            "corpus": _digest({"files": corpus.files, "idk": corpus.idk_answers}),
+            "training": {k: getattr(p, k) for k in _TRAINING_FIELDS},
+            "seed": config.seed,
+            "versions": _versions(),
+            "code": _code_digest(),
+        }
+    )
+    retain_split = retain_split_of(config.split)
+    retain_key = _digest({"base": base_key, "retain": corpus.files[retain_split]})
+
+    def build_target(stage: Path) -> None:
+        _say(f"training the target model on {len(corpus.files['full']) + len(general)} records")
+        tokenizer = build_tokenizer(corpus_texts(corpus), p.vocab_size)
+        model, log = train_model(
+            corpus.files["full"] + general, tokenizer, p, config.seed, stage / "run"
+        )
+        save_model(model, tokenizer, stage / "model")
+        shutil.rmtree(stage / "run")
+        atomic_write_json(stage / "train.json", log)
+
+    target_dir, target_cached = _cached(cache_dir / f"demo-target-{base_key}", build_target)
+    target, tokenizer = load_model(ModelSpec(path=str(target_dir / "model")), "cpu")
+
+    def build_retain(stage: Path) -> None:
+        records = corpus.files[retain_split] + general
+        _say(f"training the retain model on {len(records)} records ({retain_split})")
+        model, log = train_model(records, tokenizer, p, config.seed, stage / "run")
+        save_model(model, tokenizer, stage / "model")
+        shutil.rmtree(stage / "run")
+        atomic_write_json(stage / "train.json", log)
+
+    retain_dir, retain_cached = _cached(cache_dir / f"demo-retain-{retain_key}", build_retain)
+    retain, _ = load_model(ModelSpec(path=str(retain_dir / "model")), "cpu")
+    n_params = sum(t.numel() for t in target.parameters())
+    return {
+        "target": target,
+        "retain": retain,
+        "tokenizer": tokenizer,
+        "cached": target_cached and retain_cached,
+        "info": {
+            "description": (
+                f"Llama architecture, {p.layers} layers, hidden size {p.hidden_size}, "
+                f"{n_params / 1e6:.2f}M parameters, BPE vocabulary of {len(tokenizer)}"
+            ),
+            "parameters": n_params,
+            "target_dir": str(target_dir / "model"),
+            "retain_dir": str(retain_dir / "model"),
+            "target_train": _train_log(target_dir / "train.json"),
+            "retain_train": _train_log(retain_dir / "train.json"),
+        },
+    }
+
+
+def _train_log(path: Path) -> dict:
+    log = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in log.items() if k != "loss_per_step"}
+
+
+# -------------------------------------------------------------------------- evaluation
+
+
+def _scalars(record: dict) -> dict:
+    """The numbers of one evaluation (nested counts and the logs path left out)."""
+    return {k: v for k, v in record.items() if v is None or isinstance(v, (int, float))}
+
+
+def _forget_ratios(logs: dict) -> list[float]:
+    from negpref.eval.tofu_logs import FORGET_FILE
+
+    return [v for v in logs[FORGET_FILE]["truth_ratio"].values()]
+
+
+def _generations(logs: dict) -> dict[str, dict[str, list]]:
+    """Eval file -> item key -> [question, generation, answer]."""
+    return {file: per_metric.get("generated_text", {}) for file, per_metric in logs.items()}
+
+
+def pick_samples(sets, logs_by_model: dict[str, dict], per_set: int = 2) -> dict[str, list[dict]]:
+    """The same few questions of each set, with every model's greedy answer."""
+    from negpref.eval.tofu_logs import EVAL_FILES
+
+    chosen = {
+        "forget": [("forget", k) for k in sets.forget.keys[:per_set]],
+        "retain": [("retain", k) for k in sets.retain.keys[:per_set]],
+        "general": [
+            (kind, getattr(sets, kind).keys[0])
+            for kind in ("real_authors", "world_facts")
+            if getattr(sets, kind) is not None
+        ],
+    }
+    generations = {name: _generations(logs) for name, logs in logs_by_model.items()}
+    samples: dict[str, list[dict]] = {}
+    for group, items in chosen.items():
+        samples[group] = []
+        for kind, key in items:
+            file = EVAL_FILES[kind]
+            first = next(iter(generations.values()))[file][key]
+            samples[group].append(
+                {
+                    "question": first[0],
+                    "answer": first[2],
+                    "generations": {n: g[file][key][1] for n, g in generations.items()},
+                }
+            )
+    return samples
+
+
+def _method_dir(method: str) -> str:
+    return method.lower().replace("+", "_")
+
+
+def unlearn_method(
+    method: str, config: DemoConfig, corpus, models: dict, sets, retain_logs, run_dir: Path
+) -> dict:
+    """Unlearn the forget split with one method, evaluating after every epoch."""
+    from negpref import unlearn
+    from negpref.eval import TofuEvalCallback, peak_forget_quality
+
+    p = config.profile()
+    unlearn_config = unlearn.UnlearnConfig(
+        method=method,
+        beta=p.beta,
+        lr=p.unlearn_lr,
+        epochs=p.unlearn_epochs,
+        batch_size=p.unlearn_batch,
+        grad_accum=1,
+        max_length=MAX_LENGTH,
+        seed=config.seed,
+        cpu=True,
+        out=str(run_dir / "methods" / _method_dir(method)),
+        save_every=-1,
+        save_model=False,
+    )
+    groups = unlearn_config.objective().groups
+    callback = TofuEvalCallback(
+        sets,
+        retain_logs=retain_logs,
+        ref_model=models["target"],
+        batch_size=EVAL_BATCH,
+        max_new_tokens=p.max_new_tokens,
+        max_length=MAX_LENGTH,
+    )
+    start = time.perf_counter()
+    result = unlearn.run(
+        unlearn_config,
+        model=models["target"],
+        tokenizer=models["tokenizer"],
+        forget_records=corpus.files[config.split],
+        retain_records=corpus.files[retain_split_of(config.split)] if "retain" in groups else None,
+        idk_answers=corpus.idk_answers if "refusal" in groups else None,
+        callbacks=[callback],
+    )
+    seconds = time.perf_counter() - start
+    evals = result.evals
+    peak = peak_forget_quality(evals[1:]) or evals[-1]  # step 0 is the target itself
+
+    def logs_at(record: dict) -> dict:
+        return json.loads(Path(record["logs_path"]).read_text(encoding="utf-8"))
+
+    target_utility = evals[0]["model_utility"]
+    return {
+        "forget_quality": peak.get("forget_quality"),
+        "model_utility": peak.get("model_utility"),
+        "forget_truth_ratio": peak.get("forget_truth_ratio"),
+        "forget_kl": peak.get("forget_kl"),
+        "peak_epoch": round(peak["epoch"], 3),
+        "peak_step": peak["step"],
+        "final": _scalars(evals[-1]),
+        "utility_kept": _scalars(best_with_utility_kept(evals, target_utility) or {}) or None,
+        "epochs": [
+            {**_scalars(e), "logs_path": str(Path(e["logs_path"]).relative_to(run_dir))}
+            for e in evals
+        ],
+        "steps": result.summary["steps"],
+        "seconds": seconds,
+        "_peak_logs": logs_at(peak),
+        "_final_logs": logs_at(evals[-1]),
+    }
+
+
+# ----------------------------------------------------------------------------- findings
+
+
+KEPT_UTILITY = 0.9  # "utility kept": at least 90% of the target model's model utility
+
+
+def _npo_family(name: str) -> bool:
+    return "NPO" in name.upper()
+
+
+def _value(record: dict, key: str) -> float:
+    value = record.get(key)
+    return 0.0 if value is None else float(value)
+
+
+def best_with_utility_kept(epochs: list[dict], target_utility: float) -> dict | None:
+    """The unlearning epoch of highest forget quality among those that keep at least
+    ``KEPT_UTILITY`` of the target's model utility (ties: higher utility); None if none does."""
+    kept = [
+        e
+        for e in epochs
+        if e["step"] > 0 and _value(e, "model_utility") >= KEPT_UTILITY * target_utility
+    ]
+    if not kept:
+        return None
+    return max(kept, key=lambda e: (_value(e, "forget_quality"), _value(e, "model_utility")))
+
+
+def _utility_lost_epoch(epochs: list[dict], target_utility: float) -> float | None:
+    """First epoch whose model utility is below half the target's (None: never)."""
+    return next(
+        (e["epoch"] for e in epochs if _value(e, "model_utility") < 0.5 * target_utility), None
+    )
+
+
+def paper_findings(summary: dict) -> list[dict]:
+    """The NPO paper's qualitative claims (Section 5.2), each checked against this run."""
+    methods = summary["methods"]
+    target_mu = summary["target"]["model_utility"]
+    findings = []
+
+    def add(claim: str, holds: bool, evidence: str) -> None:
+        findings.append({"claim": claim, "holds": bool(holds), "evidence": evidence})
+
+    def kept(name: str) -> tuple[float, float]:
+        best = methods[name].get("utility_kept")
+        return (
+            (0.0, 0.0) if best is None else (best["forget_quality"] or 0.0, best["model_utility"])
+        )
+
+    npo = [n for n in methods if _npo_family(n)]
+    baselines = [n for n in methods if not _npo_family(n)]
+
+    def peak(name: str) -> tuple[float, float]:
+        m = methods[name]
+        return _value(m, "forget_quality"), _value(m, "model_utility")
+
+    if npo and baselines:
+        best_npo, best_base = max(npo, key=peak), max(baselines, key=peak)
+        add(
+            "NPO-based methods give the best forget quality / model utility trade-off "
+            "(each method at its peak-forget-quality epoch, as the paper's Figure 5)",
+            peak(best_npo) > peak(best_base),
+            f"{best_npo}: forget quality {peak(best_npo)[0]:.3g}, utility "
+            f"{peak(best_npo)[1]:.3g}; best baseline {best_base}: {peak(best_base)[0]:.3g}, "
+            f"utility {peak(best_base)[1]:.3g}",
+        )
+        best_npo, best_base = max(npo, key=kept), max(baselines, key=kept)
+        add(
+            "... and against early-stopped baselines (each method at its best epoch that keeps "
+            f"{KEPT_UTILITY:.0%} of the target's utility; not in the paper)",
+            kept(best_npo) > kept(best_base),
+            f"{best_npo}: forget quality {kept(best_npo)[0]:.3g}, utility "
+            f"{kept(best_npo)[1]:.3g}; best baseline {best_base}: {kept(best_base)[0]:.3g}, "
+            f"utility {kept(best_base)[1]:.3g}",
+        )
+    for name in ("GA", "GA+RT"):
+        if name not in methods:
+            continue
+        m, final = methods[name], methods[name]["final"]
+        add(
+            f"{name} collapses: model utility is lost",
+            _value(final, "model_utility") <= 0.5 * target_mu,
+            f"model utility {target_mu:.3g} (target) -> {_value(final, 'model_utility'):.3g} "
+            f"after the last epoch; forget KL {_value(final, 'forget_kl'):.3g}",
+        )
+        add(
+            f"{name}'s forget quality peaks, then falls (below a tenth of its peak)",
+            _value(final, "forget_quality") <= _value(m, "forget_quality") / 10,
+            f"forget quality {_value(m, 'forget_quality'):.3g} at epoch {m['peak_epoch']:.1f}, "
+            f"{_value(final, 'forget_quality'):.3g} after the last epoch",
+        )
+    for name in ("NPO", "NPO+RT"):
+        if name not in methods:
+            continue
+        m, final = methods[name], methods[name]["final"]
+        add(
+            f"{name}'s forget quality reaches a plateau and stays (no collapse)",
+            _value(final, "forget_quality") >= min(_value(m, "forget_quality") / 10, 0.05),
+            f"forget quality {_value(m, 'forget_quality'):.3g} at epoch {m['peak_epoch']:.1f}, "
+            f"{_value(final, 'forget_quality'):.3g} after the last epoch (model utility "
+            f"{_value(final, 'model_utility'):.3g})",
+        )
+    if "GA" in methods and "NPO" in methods:
+        lost = {n: _utility_lost_epoch(methods[n]["epochs"], target_mu) for n in ("GA", "NPO")}
+        add(
+            "NPO loses model utility more slowly than GA",
+            lost["GA"] is not None and (lost["NPO"] is None or lost["NPO"] > lost["GA"]),
+            "first epoch below half the target's utility: "
+            + ", ".join(f"{n} {'never' if e is None else f'{e:.1f}'}" for n, e in lost.items()),
+        )
+        ga_kl, npo_kl = (_value(methods[n]["final"], "forget_kl") for n in ("GA", "NPO"))
+        add(
+            "GA's forget KL explodes while NPO's stays moderate",
+            ga_kl > 3 * npo_kl,
+            f"forget KL after the last epoch: GA {ga_kl:.3g}, NPO {npo_kl:.3g}",
+        )
+    if "NPO" in methods and "NPO+RT" in methods:
+        with_rt, without = (_value(methods[n]["final"], "model_utility") for n in ("NPO+RT", "NPO"))
+        add(
+            "the retain term preserves model utility (NPO+RT above NPO)",
+            with_rt > without,
+            f"model utility after the last epoch: NPO+RT {with_rt:.3g}, NPO {without:.3g}",
+        )
+    return findings
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run the study into ``config.out``; return the summary (also in ``summary.json``)."""
+    from negpref.eval import aggregate, evaluate_tofu, load_tofu_sets
+    from negpref.report.demo_report import build_demo_report
+
+    config.validate()
+    check_out_dir(config.out, overwrite=config.overwrite)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    _check_writable(cache_dir, "--cache-dir")
+    start = time.perf_counter()
+    p = config.profile()
+    corpus = generate_corpus(config.corpus_config())
+    with _without_load_bars(), staged_out_dir(config.out, overwrite=config.overwrite) as stage:
+        corpus_dir = write_corpus(corpus, stage / "corpus")
+        models = prepare_models(config, corpus, cache_dir)
+        models_s = time.perf_counter() - start
+        sets = load_tofu_sets(corpus_dir, config.split)
+        tokenizer = models["tokenizer"]
+        options = dict(
+            batch_size=EVAL_BATCH,
+            max_new_tokens=p.max_new_tokens,
+            max_length=MAX_LENGTH,
+            progress=True,
+        )
+        _say("evaluating the target and retain models")
+        retain_logs = evaluate_tofu(models["retain"], tokenizer, sets, **options)
+        target_logs = evaluate_tofu(models["target"], tokenizer, sets, **options)
+        atomic_write_json(stage / "retain_logs.json", retain_logs)
+        atomic_write_json(stage / "target_logs.json", target_logs)
+
+        methods = {}
+        for i, method in enumerate(config.methods, start=1):
+            _say(f"[{i}/{len(config.methods)}] unlearning {config.split} with {method}")
+            methods[method] = unlearn_method(
+                method, config, corpus, models, sets, retain_logs, stage
+            )
+        unlearn_s = time.perf_counter() - start - models_s
+
+        n_forget_authors = forget_author_count(
+            corpus.config.n_authors, int(config.split.removeprefix("forget"))
+        )
+        summary = {
+            "config": config_to_dict(config),
+            "profile": vars(p),
+            "split": config.split,
+            "corpus": {
+                "n_authors": corpus.config.n_authors,
+                "facts_per_author": len(FACT_KEYS),
+                "train_phrasings": corpus.config.train_phrasings,
+                "n_train_records": len(corpus.files["full"]),
+                "n_general_records": len(general_training_records(corpus)),
+                "n_forget_authors": n_forget_authors,
+                "n_forget_records": len(corpus.files[config.split]),
+                "n_forget_eval": len(sets.forget),
+                "dir": "corpus",
+            },
+            "model": models["info"],
+            "target": _scalars(aggregate(target_logs, retain_logs)),
+            "retain": _scalars(aggregate(retain_logs, retain_logs)),
+            "methods": {
+                name: {k: v for k, v in m.items() if not k.startswith("_")}
+                for name, m in methods.items()
+            },
+            "forget_truth_ratios": {
+                "retain": _forget_ratios(retain_logs),
+                "target": _forget_ratios(target_logs),
+                **{name: _forget_ratios(m["_peak_logs"]) for name, m in methods.items()},
+            },
+        }
+        summary["findings"] = paper_findings(summary)
+        summary["timing"] = {
+            "cached": models["cached"],
+            "models_s": models_s,
+            "unlearn_s": unlearn_s,
+            "total_s": time.perf_counter() - start,
+        }
+        samples = pick_samples(
+            sets,
+            {
+                "target": target_logs,
+                "retain": retain_logs,
+                **{name: m["_final_logs"] for name, m in methods.items()},
+            },
+        )
+        build_demo_report(summary, samples, stage / "report.html")
+        atomic_write_json(stage / "samples.json", samples)
+        atomic_write_json(stage / "summary.json", summary)
+    return summary
+
+
+def _check_writable(path: Path, option: str) -> None:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise NegprefError(f"{option} {path}: {probe} is not a writable directory")
