@@ -40,6 +40,7 @@ from negpref.data.fictitious import (
 )
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
+from negpref.threads import single_threaded
 
 DEFAULT_METHODS = ("NPO", "NPO+RT", "GA", "GA+RT", "GA+KL", "IDK+RT", "DPO+RT")
 SPLITS = tuple(split_name("forget", p) for p in FORGET_PERCENTS)
@@ -639,8 +640,13 @@ def paper_findings(summary: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------- run
 
 
+@single_threaded()
 def run_demo(config: DemoConfig) -> dict:
-    """Run the study into ``config.out``; return the summary (also in ``summary.json``)."""
+    """Run the study into ``config.out``; return the summary (also in ``summary.json``).
+
+    One torch thread: the demo's half-million-parameter model gains nothing from a second
+    intra-op thread and loses to its synchronisation.
+    """
     from negpref.eval import aggregate, evaluate_tofu, load_tofu_sets
     from negpref.report.demo_report import build_demo_report
 

@@ -13,7 +13,6 @@ U2A should select the helpful ones and beat unlearning all negatives (and random
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from negpref import losses
+from negpref.threads import single_threaded
 from negpref.u2a import FunctionObjective, U2AConfig, run_u2a, weighted_unlearn
 
 
@@ -132,17 +132,6 @@ def default_config() -> U2AConfig:
     )
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tensors here are tiny: on a busy machine extra intra-op threads only add waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def unlearn_subset(problem: SyntheticProblem, indices: Sequence[int], cfg: U2AConfig, steps: int):
     """Uniform-weight unlearning of ``indices`` from the base model; returns ``J``."""
     problem.reset()
@@ -156,7 +145,7 @@ def unlearn_subset(problem: SyntheticProblem, indices: Sequence[int], cfg: U2ACo
 def evaluate(seed: int = 0, cfg: U2AConfig | None = None, random_draws: int = 10, **kw) -> dict:
     """U2A vs unlearning all negatives vs random subsets of U2A's size, same inner budget."""
     cfg = cfg or default_config()
-    with _one_thread():
+    with single_threaded():
         problem = make_problem(seed=seed, **kw)
         n = len(problem.task)
         j_base = problem.objective_value()

@@ -11,32 +11,15 @@ that the study runs all of them in one batched computation.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from negpref.threads import single_threaded
+
 DTYPE = torch.float64
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one thread inside the block (or decorated function), then restore the
-    previous setting.
-
-    The study's matrices are small (at most 1200 x 128 per instance): intra-op threads cost
-    more in synchronisation than they save, and on a shared, loaded 2-core machine two
-    threads ran the divergence study 30x slower than one (38 s vs 1.3 s of CPU time).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from negpref import losses
-from negpref.synthetic.data import log_prob, single_threaded
+from negpref.synthetic.data import log_prob
+from negpref.threads import single_threaded
 
 
 @dataclass(frozen=True)
