@@ -1,0 +1,254 @@
+"""The align trainer: DPO equals TRL's DPOTrainer; MC-PO / NCE / link / OnMC-PO / LoRA steps."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from negpref.align.batches import logps_of
+from negpref.align.config import AlignConfig
+from negpref.align.trainer import AlignTrainer
+from negpref.data import collate, format_prompt, pref_task
+from negpref.data.preference import normalize_records
+from negpref.errors import NegprefError
+from negpref.logprobs import sequence_logps
+from negpref.models import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids oversubscription
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return pref_task.task_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task_data():
+    return normalize_records(pref_task.make_preferences(12, 3, seed=1), "task")
+
+
+def _config(**overrides):
+    base = dict(batch_size=4, max_steps=2, learning_rate=1e-3, max_length=64, cpu=True)
+    return AlignConfig(**{**base, **overrides})
+
+
+def test_dpo_loss_metrics_and_gradients_equal_trl_dpotrainer(tmp_path, tokenizer):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"][0]}
+        for r in pref_task.make_preferences(4, 1, seed=3)
+    ]
+    reference = tiny_llama(len(tokenizer), seed=0)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # move the policy off the reference so the loss is not log 2
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours_model, trl_model = copy.deepcopy(policy), copy.deepcopy(policy)
+    beta = 0.1
+
+    ours = AlignTrainer(_config(beta=beta), ours_model, tokenizer, normalize_records(pairs, "p"))
+    encoded = [e for it in ours.items for e in (it.chosen, *it.candidates)]
+    ref_logps, _ = logps_of(reference, encoded, tokenizer.pad_token_id, 8, "cpu")
+    for i, it in enumerate(ours.items):  # reference = the unperturbed model, as TRL's ref_model
+        it.ref_chosen, it.ref_candidates = ref_logps[2 * i].item(), [ref_logps[2 * i + 1].item()]
+    out = ours.compute_loss([0, 1, 2, 3], [[0]] * 4)
+    out.loss.backward()
+
+    rows = [
+        {"prompt": format_prompt(tokenizer, p["prompt"]), "chosen": " " + p["chosen"],
+         "rejected": " " + p["rejected"]}
+        for p in pairs
+    ]  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=["sigmoid"],
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,  # TRL turns bf16 autocast on by default, even on CPU
+        max_length=64,
+        save_strategy="no",
+    )
+    trl = DPOTrainer(
+        model=trl_model,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
+    # the same tokens, in TRL's layout: [chosen..., rejected...], right-padded
+    ours_batch = collate(
+        [it.chosen for it in ours.items] + [it.candidates[0] for it in ours.items], 0
+    )
+    assert torch.equal(ours_batch["input_ids"], batch["input_ids"])
+    trl_model.train()
+    trl_loss = trl.compute_loss(trl.model, batch)
+    trl_loss.backward()
+
+    assert abs(out.loss.item() - trl_loss.item()) < 1e-5
+    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"):  # fmt: skip
+        assert out.metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    ours_params = dict(ours_model.named_parameters())
+    for name, p in trl_model.named_parameters():
+        torch.testing.assert_close(ours_params[name].grad, p.grad, atol=1e-5, rtol=0)
+
+
+def test_losses_at_the_reference_have_closed_forms(tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    k = 3
+    for overrides, expected in [
+        (dict(), math.log(2)),
+        (dict(loss="nce", num_negatives=0), math.log(k + 1)),
+        (dict(method="mcpo", loss="nce", num_negatives=2), math.log(3)),
+    ]:
+        trainer = AlignTrainer(_config(**overrides), copy.deepcopy(model), tokenizer, task_data)
+        negatives, _ = trainer.pick_negatives([0, 1, 2, 3])
+        out = trainer.compute_loss([0, 1, 2, 3], negatives)
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), overrides
+        assert out.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # power link at the reference: log(2 u_ref^beta) per tuple (eq. 26 with u_theta = u_ref)
+    trainer = AlignTrainer(
+        _config(loss="link", beta=0.5), copy.deepcopy(model), tokenizer, task_data
+    )
+    out = trainer.compute_loss([0, 1], [[0], [1]])
+    items = trainer.items
+    log_u = [
+        items[0].ref_candidates[0] - items[0].ref_chosen,
+        items[1].ref_candidates[1] - items[1].ref_chosen,
+    ]
+    expected = sum(math.log(2) + 0.5 * u for u in log_u) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_reference_logps_are_precomputed_from_the_start_model(tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    trainer = AlignTrainer(_config(), copy.deepcopy(model), tokenizer, task_data)
+    item = trainer.items[5]
+    with torch.no_grad():
+        direct = sequence_logps(model, collate([item.chosen, *item.candidates], 0)).logps
+    torch.testing.assert_close(
+        torch.tensor([item.ref_chosen, *item.ref_candidates]), direct, atol=1e-4, rtol=0
+    )
+
+
+def test_mcpo_training_logs_kernel_statistics_and_raises_the_margin(tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    config = _config(method="mcpo", max_steps=6, learning_rate=3e-3, kernel_steps=3)
+    trainer = AlignTrainer(config, model, tokenizer, task_data)
+    history = trainer.train()
+    first, last = history.steps[0], history.steps[-1]
+    assert first["mcpo/kernel_entropy"] == pytest.approx(math.log(3), abs=1e-6)  # all scores 0
+    assert last["mcpo/kernel_entropy"] < math.log(3)
+    assert (
+        all(0 <= i[0] < 3 for i in last["mcpo/drawn_index"]) and len(last["mcpo/drawn_index"]) == 4
+    )
+    assert 0 <= last["mcpo/hardest_hit_rate"] <= 1 and 0 < last["mcpo/accept_rate"] <= 1
+    assert last["rewards/margins"] > first["rewards/margins"]
+    assert last["loss"] < first["loss"]
+
+
+def test_gradient_accumulation_matches_one_large_batch(tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    results = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        trainer = AlignTrainer(
+            _config(batch_size=batch_size, grad_accum=accum, max_steps=1, num_negatives=0),
+            copy.deepcopy(model), tokenizer, task_data,
+        )  # fmt: skip
+        trainer.schedule = [[[0, 1, 2, 3]]] if accum == 1 else [[[0, 1], [2, 3]]]
+        trainer.train()
+        results.append(trainer.unwrapped_model().state_dict())
+    for name, value in results[0].items():
+        # AdamW's first step divides by |grad| + eps: 1e-6 relative grad noise shows at 1e-6
+        torch.testing.assert_close(value, results[1][name], atol=1e-5, rtol=0)
+
+
+def test_onmcpo_generates_caches_and_uses_online_candidates(tmp_path, tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    config = _config(
+        method="onmcpo", generate_every=1, num_generations=2, gen_max_new_tokens=6, max_steps=2
+    )
+    trainer = AlignTrainer(config, model, tokenizer, task_data, run_dir=tmp_path)
+    trainer.train()
+    rounds = sorted((tmp_path / "generations").glob("round_*.jsonl"))
+    assert [p.name for p in rounds] == ["round_0000.jsonl", "round_0001.jsonl"]
+    lines = [json.loads(x) for x in rounds[-1].read_text().splitlines()]
+    assert {line["item"] for line in lines} <= set(trainer.schedule[1][0])
+    line = lines[0]
+    pool = trainer.candidates(line["item"])
+    assert len(pool.encoded) == 3 + len(line["completions"])  # appended to the offline ones
+    with torch.no_grad():  # cached reference log-probs = the frozen start model's
+        direct = sequence_logps(trainer.ref_model, collate(pool.encoded[3:], 0)).logps
+    torch.testing.assert_close(torch.tensor(line["ref_logps"]), direct, atol=1e-4, rtol=0)
+
+
+def test_lora_reference_is_the_base_model_and_only_adapters_train(tokenizer, task_data):
+    model = tiny_llama(len(tokenizer), seed=0)
+    trainer = AlignTrainer(
+        _config(lora_r=4, learning_rate=1e-2), copy.deepcopy(model), tokenizer, task_data
+    )
+    item = trainer.items[0]
+    with torch.no_grad():
+        base = sequence_logps(model, collate([item.chosen], 0)).logps.item()
+    assert item.ref_chosen == pytest.approx(base, abs=1e-4)
+    before = {k: v.clone() for k, v in trainer.unwrapped_model().state_dict().items()}
+    trainer.train()
+    after = trainer.unwrapped_model().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    with trainer.reference() as ref, torch.no_grad():  # adapters off = the base model still
+        again = sequence_logps(ref, collate([item.chosen], 0)).logps.item()
+    assert again == pytest.approx(base, abs=1e-4)
+
+
+def test_prompt_longer_than_max_length_is_an_error_naming_the_record(tokenizer, task_data):
+    with pytest.raises(NegprefError, match=r"task record 0: a prompt of \d+ tokens"):
+        AlignTrainer(_config(max_length=5), tiny_llama(len(tokenizer)), tokenizer, task_data)
+
+
+def test_config_validation_names_the_option():
+    from negpref.config import build_config
+
+    with pytest.raises(NegprefError, match="--num-negatives"):
+        build_config(AlignConfig, method="mcpo", num_negatives=0)
+    with pytest.raises(NegprefError, match="--beta"):
+        build_config(AlignConfig, beta=0.0)
+    with pytest.raises(NegprefError, match="--gen-top-p"):
+        build_config(AlignConfig, gen_top_p=1.5)
+
+
+def test_shared_prompt_forward_equals_the_concatenated_forward(tokenizer, task_data):
+    from negpref.align.batches import answer_logps, shared_prompt_logps, split_answer
+
+    model = tiny_llama(len(tokenizer), seed=0).train()
+    trainer = AlignTrainer(_config(), copy.deepcopy(model), tokenizer, task_data)
+    indices = [0, 1, 2, 4]  # prompts of different lengths
+    encoded = [e for i in indices for e in (trainer.items[i].chosen, *trainer.items[i].candidates)]
+    owner = [b for b, i in enumerate(indices) for _ in range(1 + len(trainer.items[i].candidates))]
+    prompts = [split_answer(trainer.items[i].chosen)[0] for i in indices]
+    assert len({len(p) for p in prompts}) > 1
+    shared, lengths = shared_prompt_logps(
+        model, prompts, [split_answer(e)[1] for e in encoded], owner, 0, "cpu"
+    )
+    full, full_lengths = answer_logps(model, collate(encoded, 0))
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=0)
+    assert torch.equal(lengths, full_lengths)
+    g_shared = torch.autograd.grad(shared.sum(), list(model.parameters()))
+    g_full = torch.autograd.grad(full.sum(), list(model.parameters()))
+    for a, b in zip(g_shared, g_full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
