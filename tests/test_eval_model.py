@@ -327,7 +327,7 @@ def test_cli_help_renders():
     assert exit_info.value.code == 0
 
 
-def test_cli_alignment_flag_delegates(monkeypatch, capsys):
+def test_cli_alignment_flag_delegates(monkeypatch):
     import negpref.commands.eval as eval_command
 
     calls = []
@@ -335,8 +335,5 @@ def test_cli_alignment_flag_delegates(monkeypatch, capsys):
         add_arguments=lambda parser: parser.add_argument("--align-thing", default="x"),
         main=lambda args: calls.append(args.align_thing) or 0,
     )
-    monkeypatch.setattr(eval_command, "_alignment_module", lambda: fake)
+    monkeypatch.setattr(eval_command, "alignment", fake)
     assert main(["eval", "--alignment", "--align-thing", "y"]) == 0 and calls == ["y"]
-    monkeypatch.setattr(eval_command, "_alignment_module", lambda: None)
-    assert main(["eval", "--alignment"]) == 2
-    assert "negpref.eval.alignment" in capsys.readouterr().err

@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
-        try:
-            module = importlib.import_module(f"negpref.commands.{verb}")
-        except ModuleNotFoundError as e:
-            if e.name != f"negpref.commands.{verb}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"negpref.commands.{verb}").register(sub)
     return parser
 
 

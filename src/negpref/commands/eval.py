@@ -8,15 +8,12 @@ negpref eval --alignment ...   (alignment metrics, ``negpref.eval.alignment``)
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
 
 from negpref.config import add_config_arguments, build_config, config_to_dict, require
-from negpref.errors import NegprefError
-
-ALIGNMENT_MODULE = "negpref.eval.alignment"
+from negpref.eval import alignment
 
 
 def _f(help_text: str, **meta) -> dict:
@@ -90,15 +87,6 @@ class AggregateConfig:
         require(bool(self.logs), "logs", self.logs, "give a logs JSON file")
 
 
-def _alignment_module():
-    try:
-        return importlib.import_module(ALIGNMENT_MODULE)
-    except ModuleNotFoundError as e:
-        if e.name != ALIGNMENT_MODULE:
-            raise
-        return None
-
-
 def register(sub) -> None:
     parser = sub.add_parser(
         "eval",
@@ -114,9 +102,7 @@ def register(sub) -> None:
         action="store_true",
         help="alignment metrics instead of a benchmark (negpref.eval.alignment)",
     )
-    alignment = _alignment_module()
-    if alignment is not None:
-        alignment.add_arguments(parser)
+    alignment.add_arguments(parser)
     parser.set_defaults(func=run_eval)
 
     commands = parser.add_subparsers(dest="eval_command", metavar="COMMAND")
@@ -167,9 +153,6 @@ def run_aggregate(args) -> int:
 
 def run_eval(args) -> int:
     if args.alignment:
-        alignment = _alignment_module()
-        if alignment is None:
-            raise NegprefError(f"--alignment: {ALIGNMENT_MODULE} is not installed")
         return int(alignment.main(args) or 0)
 
     from negpref.eval.tofu import evaluate_tofu, load_tofu_sets
