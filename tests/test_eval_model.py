@@ -265,6 +265,8 @@ def test_callback_saves_step_logs_and_curves(model, tokenizer, sets, logs, tmp_p
     assert (tmp_path / "evals" / "step_000005.json").is_file()
     recomputed = aggregate_eval_dir(tmp_path, logs)
     assert [e["step"] for e in recomputed] == [0, 5]
+    # paths are relative to the run directory, so a moved run still finds its logs
+    assert evals[1]["logs_path"] == recomputed[1]["logs_path"] == "evals/step_000005.json"
     assert recomputed[1]["model_utility"] == pytest.approx(evals[1]["model_utility"])
     model.eval()
 

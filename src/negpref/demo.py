@@ -449,6 +449,7 @@ def unlearn_method(
     from negpref.eval import TofuEvalCallback, peak_forget_quality
 
     p = config.profile()
+    method_dir = run_dir / "methods" / _method_dir(method)
     unlearn_config = unlearn.UnlearnConfig(
         method=method,
         beta=p.beta,
@@ -459,7 +460,7 @@ def unlearn_method(
         max_length=MAX_LENGTH,
         seed=config.seed,
         cpu=True,
-        out=str(run_dir / "methods" / _method_dir(method)),
+        out=str(method_dir),
         save_every=-1,
         save_model=False,
     )
@@ -487,7 +488,7 @@ def unlearn_method(
     peak = peak_forget_quality(evals[1:]) or evals[-1]  # step 0 is the target itself
 
     def logs_at(record: dict) -> dict:
-        return json.loads(Path(record["logs_path"]).read_text(encoding="utf-8"))
+        return json.loads((method_dir / record["logs_path"]).read_text(encoding="utf-8"))
 
     target_utility = evals[0]["model_utility"]
     return {
@@ -500,7 +501,7 @@ def unlearn_method(
         "final": _scalars(evals[-1]),
         "utility_kept": _scalars(best_with_utility_kept(evals, target_utility) or {}) or None,
         "epochs": [
-            {**_scalars(e), "logs_path": str(Path(e["logs_path"]).relative_to(run_dir))}
+            {**_scalars(e), "logs_path": str((method_dir / e["logs_path"]).relative_to(run_dir))}
             for e in evals
         ],
         "steps": result.summary["steps"],

@@ -65,7 +65,8 @@ class TofuEvalCallback:
             path = step_logs_path(out_dir, result["step"])
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, logs)
-            result["logs_path"] = str(path)
+            # relative to the run directory, so the record survives moving the run
+            result["logs_path"] = str(path.relative_to(out_dir))
         result.update(aggregate(logs, self.retain_logs))
         return result
 
@@ -82,7 +83,11 @@ def aggregate_eval_dir(
         if (m := _STEP_FILE.fullmatch(p.name))
     )
     return [
-        {"step": step, "logs_path": str(p), **aggregate(load_logs(p, "eval logs"), retain_logs)}
+        {
+            "step": step,
+            "logs_path": str(p.relative_to(out_dir)),
+            **aggregate(load_logs(p, "eval logs"), retain_logs),
+        }
         for step, p in found
     ]
 
