@@ -4,17 +4,10 @@ import argparse
 import math
 
 import pytest
-import torch
 
 from negpref.align import compare
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_steps_to_reach_and_auc():

@@ -9,13 +9,7 @@ import torch
 from negpref.align import constraints as cs
 from negpref.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_appendix_c_dpo_is_forward_kl_and_rlhf_is_reverse_kl():

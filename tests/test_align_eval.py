@@ -14,13 +14,7 @@ from negpref.eval import alignment
 from negpref.logprobs import sequence_logps
 from negpref.models import save_model, tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from negpref.errors import NegprefError
 from negpref.logprobs import sequence_logps
 from negpref.models import tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread avoids oversubscription
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from negpref.u2a import (
 )
 from negpref.u2a_synthetic import default_config, evaluate, make_problem, token_logps
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only wait on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from negpref.cli import main
 from negpref.data import load_records
@@ -13,12 +12,7 @@ from negpref.models import build_tokenizer, save_model, tiny_llama
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

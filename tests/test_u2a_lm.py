@@ -26,12 +26,7 @@ from negpref.u2a_objectives import (
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

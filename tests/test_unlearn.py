@@ -18,13 +18,7 @@ from negpref.unlearn.engine import Engine, make_accelerator
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from negpref.unlearn.checkpoint import latest_checkpoint
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The killed run is a subprocess on one thread; the in-process runs must match it bitwise.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A run whose steps can be slowed through the public callback API, so the test can kill it
