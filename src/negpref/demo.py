@@ -1,14 +1,19 @@
 """``negpref demo``: the whole unlearning study on fictitious authors, on a laptop CPU.
 
-1. A TOFU-like corpus (``negpref.data.fictitious``) and a BPE tokenizer trained on it; a small
-   Llama trained on every record (the *target*) and one trained on the retain split only (the
-   *retain* model, unlearning's gold standard). Both learn the general-knowledge facts. They
-   are cached, keyed by a hash of everything that determines them.
-2. Each method unlearns the forget split from the target with ``negpref.unlearn.run``; the
-   TOFU evaluation (``negpref.eval.TofuEvalCallback``) runs after every epoch.
-3. ``summary.json`` and a self-contained ``report.html`` (``negpref.report.demo_report``).
+1. A TOFU-like corpus (``negpref.data.fictitious``, one corpus seed) and a BPE tokenizer
+   trained on it, shared by every seed.
+2. Per seed: a small Llama trained on every record (the *target*) and one trained on the
+   retain split only (the *retain* model, unlearning's gold standard). Both learn the
+   general-knowledge facts. They are cached, keyed by a hash of everything that determines them.
+3. Per seed and method: the forget split unlearned from that seed's target with
+   ``negpref.unlearn.run``; the TOFU evaluation (``negpref.eval.TofuEvalCallback``) runs after
+   every epoch.
+4. Every figure as mean and spread over the seeds, each paper claim judged over the seeds,
+   ``summary.json`` and a self-contained ``report.html`` (``negpref.report.demo_report``).
 
-The run is staged and renamed into ``--out`` at the end: a failed run leaves nothing behind.
+Seeds are independent replicates, run in worker processes (one torch thread each): the
+numbers do not depend on how many workers run them. The run is staged and renamed into
+``--out`` at the end: a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,12 +22,20 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
+import multiprocessing
 import os
+import platform
+import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from negpref import __version__
@@ -30,6 +43,7 @@ from negpref.config import config_to_dict, require
 from negpref.data.fictitious import (
     FACT_KEYS,
     FORGET_PERCENTS,
+    Corpus,
     CorpusConfig,
     corpus_texts,
     forget_author_count,
@@ -43,11 +57,25 @@ from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
 from negpref.threads import single_threaded
 
 DEFAULT_METHODS = ("NPO", "NPO+RT", "GA", "GA+RT", "GA+KL", "IDK+RT", "DPO+RT")
+# Three seeds: the default study fits 10 minutes of a 2-core machine with an empty cache.
+DEFAULT_SEEDS = (0, 1, 2)
 SPLITS = tuple(split_name("forget", p) for p in FORGET_PERCENTS)
 CACHE_ENV = "NEGPREF_CACHE_DIR"
-CACHE_FORMAT = 1  # bump when cached entries change meaning
+CACHE_FORMAT = 2  # bump when cached entries change meaning (2: the tokenizer is its own entry)
 MAX_LENGTH = 96  # tokens; the longest corpus question + answer is well under this
 EVAL_BATCH = 64
+# What the numbers depend on besides the code: the environment recorded in summary.json.
+ENVIRONMENT_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "scipy",
+    "rouge_score",
+    "tensorboard",
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +128,19 @@ class DemoConfig:
     quick: bool = field(
         default=False, metadata=_help("a smaller corpus, model and schedule (about a minute)")
     )
-    seed: int = field(default=0, metadata=_help("seed of the corpus, models and data order"))
+    seeds: list[int] = field(
+        default_factory=lambda: list(DEFAULT_SEEDS),
+        metadata=_help(
+            "seeds of the models' initialisation and data order: one replicate of the study each"
+        ),
+    )
+    corpus_seed: int = field(
+        default=0, metadata=_help("seed of the fictitious corpus, shared by every seed")
+    )
+    jobs: int = field(
+        default=0,
+        metadata=_help("worker processes (0: one per CPU core); the numbers do not depend on it"),
+    )
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
         metadata=_help("unlearning methods (negpref unlearn presets, any case, comma or space)"),
@@ -146,6 +186,9 @@ class DemoConfig:
             if preset not in canonical:
                 canonical.append(preset)
         self.methods = canonical
+        require(bool(self.seeds), "seeds", self.seeds, "needs at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds, "repeats a seed")
+        require(self.jobs >= 0, "jobs", self.jobs, "must be >= 0 (0: one per CPU core)")
         require(self.split in SPLITS, "split", self.split, f"must be one of {', '.join(SPLITS)}")
         for name in ("train_epochs", "unlearn_epochs"):
             value = getattr(self, name)
@@ -171,8 +214,56 @@ class DemoConfig:
             n_authors=p.n_authors,
             train_phrasings=p.train_phrasings,
             n_general=p.n_general,
-            seed=self.seed,
+            seed=self.corpus_seed,
         )
+
+    def worker_count(self, tasks: int) -> int:
+        """Processes for ``tasks`` tasks: ``jobs``, or one per usable CPU core, at most one
+        per task."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(self.jobs or cores or 1, tasks))
+
+
+# Fields that decide nothing about the numbers: left out of the recorded command line.
+_PLACE_FIELDS = ("out", "overwrite", "cache_dir", "jobs")
+
+
+def command_line(config: DemoConfig) -> str:
+    """The ``negpref demo`` command that reproduces ``config``'s numbers (defaults left out)."""
+    defaults = DemoConfig()
+    words = ["negpref", "demo"]
+    for f in dataclasses.fields(DemoConfig):
+        value = getattr(config, f.name)
+        if f.name in _PLACE_FIELDS or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            words += [flag, *(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def environment(jobs: int) -> dict:
+    """Package versions, threads and CPU the numbers were computed with (``summary.json``).
+
+    Same versions, threads and CPU capability give bitwise the same numbers; a different
+    matmul kernel (another CPU capability) or thread count changes reduction orders.
+    """
+    import torch
+
+    return {
+        "negpref": __version__,
+        "python": platform.python_version(),
+        "packages": {name: metadata.version(name) for name in ENVIRONMENT_PACKAGES},
+        "torch_threads": 1,  # every task runs under single_threaded()
+        "jobs": jobs,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+    }
 
 
 @contextlib.contextmanager
@@ -294,9 +385,12 @@ def train_model(records: list[dict], tokenizer, p: Profile, seed: int, work_dir:
     return result.model, log
 
 
+_DONE = "train.json"  # written last into a cache entry: its presence means complete
+
+
 def _cached(entry: Path, build) -> tuple[Path, bool]:
     """``entry`` if complete, else ``build(stage_dir)`` into a staging dir renamed to ``entry``."""
-    if (entry / "train.json").is_file():
+    if (entry / _DONE).is_file():
         return entry, True
     entry.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.partial-"))
@@ -321,71 +415,118 @@ _TRAINING_FIELDS = (
 )
 
 
-def prepare_models(config: DemoConfig, corpus, cache_dir: Path) -> dict:
-    """Target and retain models (trained or from the cache) with their shared tokenizer."""
-    from negpref.models import ModelSpec, build_tokenizer, load_model, save_model
+def _corpus_key(corpus: Corpus) -> str:
+    """The generated corpus itself (it also makes the tokenizer): a new generator retrains."""
+    return _digest({"files": corpus.files, "idk": corpus.idk_answers})
 
+
+def prepare_tokenizer(corpus: Corpus, p: Profile, cache_dir: Path) -> Path:
+    """The BPE tokenizer of ``corpus`` (trained or from the cache): one for every seed."""
+    from negpref.models import build_tokenizer
+
+    key = _digest({"corpus": _corpus_key(corpus), "vocab": p.vocab_size, **_versions()})
+
+    def build(stage: Path) -> None:
+        tokenizer = build_tokenizer(corpus_texts(corpus), p.vocab_size)
+        tokenizer.save_pretrained(stage)
+        atomic_write_json(stage / _DONE, {"vocab_size": len(tokenizer)})
+
+    entry, _ = _cached(cache_dir / f"demo-tokenizer-{key}", build)
+    return entry
+
+
+def model_entries(config: DemoConfig, corpus: Corpus, seed: int, cache_dir: Path) -> dict:
+    """Cache entry of the target and the retain model of ``seed``: role -> directory."""
     p = config.profile()
-    general = general_training_records(corpus)
     base_key = _digest(
         {
-            # the corpus itself (it also makes the tokenizer), so a new generator retrains
-            "corpus": _digest({"files": corpus.files, "idk": corpus.idk_answers}),
+            "corpus": _corpus_key(corpus),
             "training": {k: getattr(p, k) for k in _TRAINING_FIELDS},
-            "seed": config.seed,
+            "seed": seed,
             "versions": _versions(),
             "code": _code_digest(),
         }
     )
-    retain_split = retain_split_of(config.split)
-    retain_key = _digest({"base": base_key, "retain": corpus.files[retain_split]})
-
-    def build_target(stage: Path) -> None:
-        _say(f"training the target model on {len(corpus.files['full']) + len(general)} records")
-        tokenizer = build_tokenizer(corpus_texts(corpus), p.vocab_size)
-        model, log = train_model(
-            corpus.files["full"] + general, tokenizer, p, config.seed, stage / "run"
-        )
-        save_model(model, tokenizer, stage / "model")
-        shutil.rmtree(stage / "run")
-        atomic_write_json(stage / "train.json", log)
-
-    target_dir, target_cached = _cached(cache_dir / f"demo-target-{base_key}", build_target)
-    target, tokenizer = load_model(ModelSpec(path=str(target_dir / "model")), "cpu")
-
-    def build_retain(stage: Path) -> None:
-        records = corpus.files[retain_split] + general
-        _say(f"training the retain model on {len(records)} records ({retain_split})")
-        model, log = train_model(records, tokenizer, p, config.seed, stage / "run")
-        save_model(model, tokenizer, stage / "model")
-        shutil.rmtree(stage / "run")
-        atomic_write_json(stage / "train.json", log)
-
-    retain_dir, retain_cached = _cached(cache_dir / f"demo-retain-{retain_key}", build_retain)
-    retain, _ = load_model(ModelSpec(path=str(retain_dir / "model")), "cpu")
-    n_params = sum(t.numel() for t in target.parameters())
+    retain_key = _digest({"base": base_key, "retain": corpus.files[retain_split_of(config.split)]})
     return {
-        "target": target,
-        "retain": retain,
-        "tokenizer": tokenizer,
-        "cached": target_cached and retain_cached,
-        "info": {
-            "description": (
-                f"Llama architecture, {p.layers} layers, hidden size {p.hidden_size}, "
-                f"{n_params / 1e6:.2f}M parameters, BPE vocabulary of {len(tokenizer)}"
-            ),
-            "parameters": n_params,
-            "target_dir": str(target_dir / "model"),
-            "retain_dir": str(retain_dir / "model"),
-            "target_train": _train_log(target_dir / "train.json"),
-            "retain_train": _train_log(retain_dir / "train.json"),
-        },
+        "target": cache_dir / f"demo-target-{base_key}",
+        "retain": cache_dir / f"demo-retain-{retain_key}",
     }
 
 
 def _train_log(path: Path) -> dict:
     log = json.loads(path.read_text(encoding="utf-8"))
     return {k: v for k, v in log.items() if k != "loss_per_step"}
+
+
+# --------------------------------------------------------------------- per-seed tasks
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every task of one run shares (sent to the worker processes)."""
+
+    config: DemoConfig
+    corpus: Corpus
+    corpus_dir: str
+    tokenizer_dir: str
+    cache_dir: str
+    run_dir: str
+
+    def seed_dir(self, seed: int) -> Path:
+        return Path(self.run_dir) / "seeds" / f"seed-{seed}"
+
+    def eval_options(self) -> dict:
+        return dict(
+            batch_size=EVAL_BATCH,
+            max_new_tokens=self.config.profile().max_new_tokens,
+            max_length=MAX_LENGTH,
+        )
+
+
+def _load(path: Path):
+    from negpref.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(path=str(path)), "cpu")
+
+
+@single_threaded()
+def model_task(ctx: RunContext, seed: int, role: str) -> dict:
+    """Train (or take from the cache) the ``role`` model of ``seed`` and evaluate it: writes
+    ``seeds/seed-N/{role}_logs.json``; returns where the model is and its training log."""
+    from negpref.eval import evaluate_tofu, load_tofu_sets
+    from negpref.models import ModelSpec, load_tokenizer, save_model
+
+    config, corpus = ctx.config, ctx.corpus
+    train_split = "full" if role == "target" else retain_split_of(config.split)
+    records = corpus.files[train_split] + general_training_records(corpus)
+    entry = model_entries(config, corpus, seed, Path(ctx.cache_dir))[role]
+
+    def build(stage: Path) -> None:
+        _say(f"seed {seed}: training the {role} model on {len(records)} records")
+        tokenizer = load_tokenizer(ModelSpec(path=ctx.tokenizer_dir))
+        model, log = train_model(records, tokenizer, config.profile(), seed, stage / "run")
+        save_model(model, tokenizer, stage / "model")
+        shutil.rmtree(stage / "run")
+        atomic_write_json(stage / _DONE, log)
+
+    with _without_load_bars():
+        entry, cached = _cached(entry, build)
+        model, tokenizer = _load(entry / "model")
+    sets = load_tofu_sets(ctx.corpus_dir, config.split)
+    logs = evaluate_tofu(model, tokenizer, sets, **ctx.eval_options())
+    atomic_write_json(ctx.seed_dir(seed) / f"{role}_logs.json", logs)
+    return {
+        "dir": str(entry / "model"),
+        "cached": cached,
+        "train": _train_log(entry / _DONE),
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -442,14 +583,17 @@ def _method_dir(method: str) -> str:
 
 
 def unlearn_method(
-    method: str, config: DemoConfig, corpus, models: dict, sets, retain_logs, run_dir: Path
+    method: str, ctx: RunContext, seed: int, target, tokenizer, sets, retain_logs: dict
 ) -> dict:
-    """Unlearn the forget split with one method, evaluating after every epoch."""
+    """Unlearn the forget split from ``seed``'s target with one method, evaluating after
+    every epoch."""
     from negpref import unlearn
     from negpref.eval import TofuEvalCallback, peak_forget_quality
 
+    config, corpus = ctx.config, ctx.corpus
     p = config.profile()
-    method_dir = run_dir / "methods" / _method_dir(method)
+    run_dir = Path(ctx.run_dir)
+    method_dir = ctx.seed_dir(seed) / "methods" / _method_dir(method)
     unlearn_config = unlearn.UnlearnConfig(
         method=method,
         beta=p.beta,
@@ -458,7 +602,7 @@ def unlearn_method(
         batch_size=p.unlearn_batch,
         grad_accum=1,
         max_length=MAX_LENGTH,
-        seed=config.seed,
+        seed=seed,
         cpu=True,
         out=str(method_dir),
         save_every=-1,
@@ -466,18 +610,13 @@ def unlearn_method(
     )
     groups = unlearn_config.objective().groups
     callback = TofuEvalCallback(
-        sets,
-        retain_logs=retain_logs,
-        ref_model=models["target"],
-        batch_size=EVAL_BATCH,
-        max_new_tokens=p.max_new_tokens,
-        max_length=MAX_LENGTH,
+        sets, retain_logs=retain_logs, ref_model=target, **ctx.eval_options()
     )
     start = time.perf_counter()
     result = unlearn.run(
         unlearn_config,
-        model=models["target"],
-        tokenizer=models["tokenizer"],
+        model=target,
+        tokenizer=tokenizer,
         forget_records=corpus.files[config.split],
         retain_records=corpus.files[retain_split_of(config.split)] if "retain" in groups else None,
         idk_answers=corpus.idk_answers if "refusal" in groups else None,
@@ -488,7 +627,7 @@ def unlearn_method(
     peak = peak_forget_quality(evals[1:]) or evals[-1]  # step 0 is the target itself
 
     def logs_at(record: dict) -> dict:
-        return json.loads((method_dir / record["logs_path"]).read_text(encoding="utf-8"))
+        return _read_json(method_dir / record["logs_path"])
 
     target_utility = evals[0]["model_utility"]
     return {
@@ -506,9 +645,23 @@ def unlearn_method(
         ],
         "steps": result.summary["steps"],
         "seconds": seconds,
-        "_peak_logs": logs_at(peak),
+        "_peak_forget_ratios": _forget_ratios(logs_at(peak)),
         "_final_logs": logs_at(evals[-1]),
     }
+
+
+@single_threaded()
+def method_task(ctx: RunContext, seed: int, method: str) -> dict:
+    """One method on one seed: its target from the cache, its retain logs from the run."""
+    from negpref.eval import load_tofu_sets
+
+    entry = model_entries(ctx.config, ctx.corpus, seed, Path(ctx.cache_dir))["target"]
+    with _without_load_bars():
+        target, tokenizer = _load(entry / "model")
+    sets = load_tofu_sets(ctx.corpus_dir, ctx.config.split)
+    retain_logs = _read_json(ctx.seed_dir(seed) / "retain_logs.json")
+    _say(f"seed {seed}: unlearning {ctx.config.split} with {method}")
+    return unlearn_method(method, ctx, seed, target, tokenizer, sets, retain_logs)
 
 
 # ----------------------------------------------------------------------------- findings
@@ -638,17 +791,156 @@ def paper_findings(summary: dict) -> list[dict]:
     return findings
 
 
+# ------------------------------------------------------------------------ over the seeds
+
+SPREAD = "mean and sample standard deviation (n - 1) over the seeds; min, max and each seed's value"
+VERDICT_RULE = (
+    "holds: the claim holds in every seed; does not hold: in no seed; "
+    "mixed: in some seeds (how many is shown)"
+)
+REFERENCE_FIGURES = ("forget_quality", "model_utility", "forget_truth_ratio")
+PEAK_FIGURES = ("forget_quality", "model_utility", "forget_truth_ratio", "forget_kl", "peak_epoch")
+FINAL_FIGURES = ("forget_quality", "model_utility", "forget_kl")
+KEPT_FIGURES = ("forget_quality", "model_utility", "epoch")
+CURVE_FIGURES = ("forget_quality", "model_utility", "forget_kl")
+
+
+def spread(values: list) -> dict:
+    """``SPREAD`` of one figure; a seed without the figure (None) is left out of the statistics
+    but kept in ``values``."""
+    known = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return {
+        "mean": statistics.fmean(known) if known else None,
+        "std": statistics.stdev(known) if len(known) > 1 else (0.0 if known else None),
+        "min": min(known, default=None),
+        "max": max(known, default=None),
+        "values": list(values),
+    }
+
+
+def _spreads(records: list[dict | None], keys: tuple[str, ...]) -> dict:
+    return {k: spread([None if r is None else r.get(k) for r in records]) for k in keys}
+
+
+def verdict(holding: int, seeds: int) -> str:
+    """``VERDICT_RULE``."""
+    if holding == seeds:
+        return "holds"
+    return "does not hold" if holding == 0 else "mixed"
+
+
+def judge_findings(per_seed: list[dict]) -> list[dict]:
+    """Each paper claim over the seeds: its verdict and every seed's outcome and evidence."""
+    outcomes: dict[str, list[dict]] = {}
+    for run in per_seed:
+        for f in run["findings"]:
+            outcomes.setdefault(f["claim"], []).append(
+                {"seed": run["seed"], "holds": f["holds"], "evidence": f["evidence"]}
+            )
+    judged = []
+    for claim, seeds in outcomes.items():
+        holding = sum(o["holds"] for o in seeds)
+        judged.append(
+            {
+                "claim": claim,
+                "verdict": verdict(holding, len(seeds)),
+                "holds_in": holding,
+                "seeds": len(seeds),
+                "per_seed": seeds,
+            }
+        )
+    return judged
+
+
+def _epoch_curves(runs: list[dict]) -> list[dict]:
+    """Per epoch: the figures of ``CURVE_FIGURES`` over the seeds (every seed has the same
+    epochs: same schedule, same forget set)."""
+    return [
+        {"epoch": epochs[0]["epoch"], "step": epochs[0]["step"], **_spreads(epochs, CURVE_FIGURES)}
+        for epochs in zip(*(run["epochs"] for run in runs), strict=True)
+    ]
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+    """The figures of every model over the seeds (``SPREAD``) and the judged findings."""
+    methods = {}
+    for name in per_seed[0]["methods"]:
+        runs = [s["methods"][name] for s in per_seed]
+        methods[name] = {
+            **_spreads(runs, PEAK_FIGURES),
+            "final": _spreads([r["final"] for r in runs], FINAL_FIGURES),
+            "utility_kept": _spreads([r["utility_kept"] for r in runs], KEPT_FIGURES),
+            "epochs": _epoch_curves(runs),
+            "seconds": spread([r["seconds"] for r in runs]),
+        }
+    return {
+        "target": _spreads([s["target"] for s in per_seed], REFERENCE_FIGURES),
+        "retain": _spreads([s["retain"] for s in per_seed], REFERENCE_FIGURES),
+        "methods": methods,
+        "findings": judge_findings(per_seed),
+    }
+
+
 # ---------------------------------------------------------------------------------- run
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Callable]:
+    """``run(fn, tasks) -> [fn(*task) for task in tasks]`` in ``workers`` spawned processes
+    (in this one when 1), results in task order."""
+    if workers == 1:
+        yield lambda fn, tasks: [fn(*task) for task in tasks]
+        return
+    # spawn: a fresh interpreter per worker, no forked torch thread pools
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+
+        def run(fn, tasks):
+            futures = [pool.submit(fn, *task) for task in tasks]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()  # the queued tasks; the running ones end with the pool
+                raise
+
+        yield run
+
+
+def seed_summary(ctx: RunContext, seed: int, models: dict, methods: dict) -> dict:
+    """One seed's study, as a single-seed demo reports it, with its paper findings."""
+    from negpref.eval import aggregate
+
+    logs = {role: _read_json(ctx.seed_dir(seed) / f"{role}_logs.json") for role in models}
+    summary = {
+        "seed": seed,
+        "target": _scalars(aggregate(logs["target"], logs["retain"])),
+        "retain": _scalars(aggregate(logs["retain"], logs["retain"])),
+        "methods": {
+            name: {k: v for k, v in m.items() if not k.startswith("_")}
+            for name, m in methods.items()
+        },
+        "forget_truth_ratios": {
+            "retain": _forget_ratios(logs["retain"]),
+            "target": _forget_ratios(logs["target"]),
+            **{name: m["_peak_forget_ratios"] for name, m in methods.items()},
+        },
+        "models": {
+            role: {k: info[k] for k in ("dir", "cached", "train")} for role, info in models.items()
+        },
+    }
+    summary["findings"] = paper_findings(summary)
+    return summary
 
 
 @single_threaded()
 def run_demo(config: DemoConfig) -> dict:
     """Run the study into ``config.out``; return the summary (also in ``summary.json``).
 
-    One torch thread: the demo's half-million-parameter model gains nothing from a second
-    intra-op thread and loses to its synchronisation.
+    One torch thread per process: the demo's half-million-parameter model gains nothing from
+    a second intra-op thread and loses to its synchronisation; the cores go to the seeds.
     """
-    from negpref.eval import aggregate, evaluate_tofu, load_tofu_sets
+    from negpref.eval import load_tofu_sets
     from negpref.report.demo_report import build_demo_report
 
     config.validate()
@@ -658,40 +950,56 @@ def run_demo(config: DemoConfig) -> dict:
     start = time.perf_counter()
     p = config.profile()
     corpus = generate_corpus(config.corpus_config())
+    model_tasks = [(seed, role) for seed in config.seeds for role in ("target", "retain")]
+    method_tasks = [(seed, method) for seed in config.seeds for method in config.methods]
+    workers = config.worker_count(len(method_tasks))
     with _without_load_bars(), staged_out_dir(config.out, overwrite=config.overwrite) as stage:
         corpus_dir = write_corpus(corpus, stage / "corpus")
-        models = prepare_models(config, corpus, cache_dir)
-        models_s = time.perf_counter() - start
-        sets = load_tofu_sets(corpus_dir, config.split)
-        tokenizer = models["tokenizer"]
-        options = dict(
-            batch_size=EVAL_BATCH,
-            max_new_tokens=p.max_new_tokens,
-            max_length=MAX_LENGTH,
-            progress=True,
+        ctx = RunContext(
+            config=config,
+            corpus=corpus,
+            corpus_dir=str(corpus_dir),
+            tokenizer_dir=str(prepare_tokenizer(corpus, p, cache_dir)),
+            cache_dir=str(cache_dir),
+            run_dir=str(stage),
         )
-        _say("evaluating the target and retain models")
-        retain_logs = evaluate_tofu(models["retain"], tokenizer, sets, **options)
-        target_logs = evaluate_tofu(models["target"], tokenizer, sets, **options)
-        atomic_write_json(stage / "retain_logs.json", retain_logs)
-        atomic_write_json(stage / "target_logs.json", target_logs)
-
-        methods = {}
-        for i, method in enumerate(config.methods, start=1):
-            _say(f"[{i}/{len(config.methods)}] unlearning {config.split} with {method}")
-            methods[method] = unlearn_method(
-                method, config, corpus, models, sets, retain_logs, stage
-            )
+        _say(
+            f"{len(config.seeds)} seeds x ({len(config.methods)} methods + target and retain "
+            f"models) in {workers} worker process{'es' if workers > 1 else ''}"
+        )
+        with worker_pool(workers) as run:
+            models = run(model_task, [(ctx, *task) for task in model_tasks])
+            models_s = time.perf_counter() - start
+            methods = run(method_task, [(ctx, *task) for task in method_tasks])
         unlearn_s = time.perf_counter() - start - models_s
-
+        models_of = dict(zip(model_tasks, models, strict=True))
+        methods_of = dict(zip(method_tasks, methods, strict=True))
+        per_seed = [
+            seed_summary(
+                ctx,
+                seed,
+                {role: models_of[seed, role] for role in ("target", "retain")},
+                {name: methods_of[seed, name] for name in config.methods},
+            )
+            for seed in config.seeds
+        ]
+        sets = load_tofu_sets(corpus_dir, config.split)
+        first = config.seeds[0]
         n_forget_authors = forget_author_count(
             corpus.config.n_authors, int(config.split.removeprefix("forget"))
         )
+        target_info = models_of[first, "target"]
         summary = {
+            "command": command_line(config),
+            "environment": environment(workers),
             "config": config_to_dict(config),
             "profile": vars(p),
             "split": config.split,
+            "seeds": list(config.seeds),
+            "spread": SPREAD,
+            "verdict_rule": VERDICT_RULE,
             "corpus": {
+                "seed": config.corpus_seed,
                 "n_authors": corpus.config.n_authors,
                 "facts_per_author": len(FACT_KEYS),
                 "train_phrasings": corpus.config.train_phrasings,
@@ -702,32 +1010,30 @@ def run_demo(config: DemoConfig) -> dict:
                 "n_forget_eval": len(sets.forget),
                 "dir": "corpus",
             },
-            "model": models["info"],
-            "target": _scalars(aggregate(target_logs, retain_logs)),
-            "retain": _scalars(aggregate(retain_logs, retain_logs)),
-            "methods": {
-                name: {k: v for k, v in m.items() if not k.startswith("_")}
-                for name, m in methods.items()
+            "model": {
+                "description": (
+                    f"Llama architecture, {p.layers} layers, hidden size {p.hidden_size}, "
+                    f"{target_info['parameters'] / 1e6:.2f}M parameters, BPE vocabulary of "
+                    f"{target_info['vocab_size']}"
+                ),
+                "parameters": target_info["parameters"],
             },
-            "forget_truth_ratios": {
-                "retain": _forget_ratios(retain_logs),
-                "target": _forget_ratios(target_logs),
-                **{name: _forget_ratios(m["_peak_logs"]) for name, m in methods.items()},
+            **over_seeds(per_seed),
+            "per_seed": per_seed,
+            "timing": {
+                "cached": all(m["cached"] for m in models),
+                "models_s": models_s,
+                "unlearn_s": unlearn_s,
+                "total_s": time.perf_counter() - start,
             },
         }
-        summary["findings"] = paper_findings(summary)
-        summary["timing"] = {
-            "cached": models["cached"],
-            "models_s": models_s,
-            "unlearn_s": unlearn_s,
-            "total_s": time.perf_counter() - start,
-        }
+        first_dir = ctx.seed_dir(first)
         samples = pick_samples(
             sets,
             {
-                "target": target_logs,
-                "retain": retain_logs,
-                **{name: m["_final_logs"] for name, m in methods.items()},
+                "target": _read_json(first_dir / "target_logs.json"),
+                "retain": _read_json(first_dir / "retain_logs.json"),
+                **{name: methods_of[first, name]["_final_logs"] for name in config.methods},
             },
         )
         build_demo_report(summary, samples, stage / "report.html")

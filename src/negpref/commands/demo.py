@@ -6,17 +6,20 @@ import argparse
 import json
 
 from negpref.config import add_config_arguments, build_config
-from negpref.demo import DEFAULT_METHODS, DemoConfig, run_demo
+from negpref.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig, run_demo
+from negpref.report.demo_report import format_spread
 
 EPILOG = f"""Builds a TOFU-like corpus of fictitious authors, trains a small Llama on all of it
 (the target) and one on the retain split (the gold standard), caches both, unlearns the forget
 split with each method ({", ".join(DEFAULT_METHODS)} by default) evaluating every
-epoch, and writes OUT/report.html and OUT/summary.json.
+epoch, for each seed ({" ".join(map(str, DEFAULT_SEEDS))} by default), and writes OUT/report.html
+and OUT/summary.json: every figure as mean ± std over the seeds, each paper claim judged over
+the seeds.
 
 examples:
-  negpref demo                                   # 5-10 minutes on 2 CPU cores (first run)
+  negpref demo                                   # under 10 minutes on 2 CPU cores (first run)
   negpref demo --quick --out runs/demo-quick     # about a minute
-  negpref demo --methods NPO NPO+RT GA --split forget05 --out runs/f05
+  negpref demo --seeds 0 1 2 3 4 --methods NPO NPO+RT GA --split forget05 --out runs/f05
 """
 
 
@@ -43,24 +46,28 @@ def _main(args) -> int:
     return 0
 
 
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
-
-
 def format_summary(summary: dict, out: str) -> str:
-    """The results table as plain text, then where the report is."""
-    lines = [f"{'model':<28}{'forget quality':>16}{'model utility':>15}{'peak epoch':>12}"]
+    """The results table (mean ± std over the seeds), the verdicts, then where the report is."""
+    seeds = summary["seeds"]
+    lines = [
+        f"{len(seeds)} seeds ({' '.join(str(s) for s in seeds)}); mean ± std over the seeds",
+        f"{'model':<18}{'forget quality':>22}{'model utility':>20}{'peak epoch':>16}",
+    ]
     for key, label in (("target", "target (before)"), ("retain", "retain (gold)")):
         ref = summary[key]
         lines.append(
-            f"{label:<28}{_num(ref['forget_quality']):>16}{_num(ref['model_utility']):>15}"
+            f"{label:<18}{format_spread(ref['forget_quality']):>22}"
+            f"{format_spread(ref['model_utility']):>20}"
         )
     for name, m in summary["methods"].items():
         lines.append(
-            f"{name:<28}{_num(m['forget_quality']):>16}{_num(m['model_utility']):>15}"
-            f"{m['peak_epoch']:>12g}"
+            f"{name:<18}{format_spread(m['forget_quality']):>22}"
+            f"{format_spread(m['model_utility']):>20}{format_spread(m['peak_epoch']):>16}"
         )
     for f in summary["findings"]:
-        lines.append(f"{'holds' if f['holds'] else 'does not hold'}: {f['claim']}")
+        outcomes = " ".join(f"{o['seed']}:{'yes' if o['holds'] else 'no'}" for o in f["per_seed"])
+        lines.append(
+            f"{f['verdict']} ({f['holds_in']} of {f['seeds']} seeds; {outcomes}): {f['claim']}"
+        )
     lines.append(f"report: {out}/report.html ({summary['timing']['total_s']:.0f} s)")
     return "\n".join(lines)

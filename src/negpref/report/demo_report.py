@@ -52,19 +52,35 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
+def format_spread(figure: dict | None) -> str:
+    """``mean ± std`` of a figure over the seeds (``negpref.demo.spread``); n/a when unknown."""
+    if not figure or figure.get("mean") is None:
+        return "n/a"
+    return f"{figure['mean']:.3g} ± {figure['std']:.2g}"
+
+
+def _mean(figure: dict | None) -> float | None:
+    return None if not figure else figure.get("mean")
+
+
 def tradeoff_figure(summary: dict) -> bytes:
-    """Figure 5: forget quality (log) vs model utility, each method at its peak-quality epoch."""
+    """Figure 5: forget quality (log) vs model utility, each method at its peak-quality epoch:
+    every seed's point (small) and the mean over the seeds (large, labelled)."""
     methods = summary["methods"]
     style = _style(list(methods))
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for name, m in methods.items():
-        fq, mu = _fq(m.get("forget_quality")), m.get("model_utility")
+        s = style[name]
+        seeds = zip(m["forget_quality"]["values"], m["model_utility"]["values"], strict=True)
+        for fq, mu in seeds:
+            if fq is not None and _finite(mu):
+                ax.scatter(mu, _fq(fq), s=18, color=s["color"], marker=s["marker"], alpha=0.4)
+        fq, mu = _fq(_mean(m["forget_quality"])), _mean(m["model_utility"])
         if fq is None or not _finite(mu):
             continue
-        s = style[name]
         ax.scatter(mu, fq, s=70, color=s["color"], marker=s["marker"], zorder=3)
         ax.annotate(
-            f"{name} (ep. {m.get('peak_epoch', 0):.1f})",
+            f"{name} (ep. {_mean(m['peak_epoch']) or 0:.1f})",
             (mu, fq),
             textcoords="offset points",
             xytext=(6, 4),
@@ -73,7 +89,7 @@ def tradeoff_figure(summary: dict) -> bytes:
         )
     for key, marker, label in (("target", "X", "target (before)"), ("retain", "*", "retain model")):
         ref = summary.get(key, {})
-        fq, mu = _fq(ref.get("forget_quality")), ref.get("model_utility")
+        fq, mu = _fq(_mean(ref.get("forget_quality"))), _mean(ref.get("model_utility"))
         if fq is not None and _finite(mu):
             ax.scatter(mu, fq, s=150, color="black", marker=marker, label=label, zorder=4)
     ax.axhline(MEANINGFUL_FQ, color="gray", linestyle=":", label="p = 0.05")
@@ -82,35 +98,50 @@ def tradeoff_figure(summary: dict) -> bytes:
     ax.set_ylabel("Forget quality (KS p-value, log)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"Forget quality vs model utility ({summary.get('split', 'forget')})")
+    ax.set_title(
+        f"Forget quality vs model utility ({summary.get('split', 'forget')}, "
+        f"{len(summary.get('seeds', []))} seeds)"
+    )
     return _png(fig)
 
 
-def _epochs(m: dict, key: str) -> tuple[list[float], list[float]]:
-    points = [(e["epoch"], e.get(key)) for e in m.get("epochs", []) if _finite(e.get(key))]
-    return [p[0] for p in points], [float(p[1]) for p in points]
+def _curve(m: dict, key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Epochs, and the mean, min and max over the seeds of ``key`` at each."""
+    points = [(e["epoch"], e[key]) for e in m.get("epochs", []) if _finite(e[key]["mean"])]
+    return (
+        [p[0] for p in points],
+        [p[1]["mean"] for p in points],
+        [p[1]["min"] for p in points],
+        [p[1]["max"] for p in points],
+    )
+
+
+def _plot_curve(ax, m: dict, key: str, style: dict, label: str, floor: float | None = None):
+    x, mean, low, high = _curve(m, key)
+    if floor is not None:
+        mean, low, high = ([max(v, floor) for v in values] for values in (mean, low, high))
+    ax.plot(x, mean, label=label, **style)
+    ax.fill_between(x, low, high, color=style["color"], alpha=0.12, linewidth=0)
 
 
 def curves_figure(summary: dict) -> bytes:
-    """Figure 6: forget quality (top) and model utility (bottom) after every epoch."""
+    """Figure 6: forget quality (top) and model utility (bottom) after every epoch (mean over
+    the seeds, shaded from the lowest to the highest seed)."""
     methods = summary["methods"]
     style = _style(list(methods))
     fig, (ax_fq, ax_mu) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
     for name, m in methods.items():
-        s = style[name]
-        x, y = _epochs(m, "forget_quality")
-        ax_fq.plot(x, [max(v, _FQ_FLOOR) for v in y], label=name, **s)
-        x, y = _epochs(m, "model_utility")
-        ax_mu.plot(x, y, label=name, **s)
+        _plot_curve(ax_fq, m, "forget_quality", style[name], name, floor=_FQ_FLOOR)
+        _plot_curve(ax_mu, m, "model_utility", style[name], name)
     ax_fq.axhline(MEANINGFUL_FQ, color="gray", linestyle=":")
-    retain_mu = summary.get("retain", {}).get("model_utility")
+    retain_mu = _mean(summary.get("retain", {}).get("model_utility"))
     if _finite(retain_mu):
         ax_mu.axhline(retain_mu, color="black", linestyle=":", label="retain model")
     ax_fq.set_yscale("log")
     ax_fq.set_ylabel("Forget quality (log)")
     ax_mu.set_ylabel("Model utility")
     ax_mu.set_xlabel("Epoch (0 = target model)")
-    ax_fq.set_title("Evolution during unlearning")
+    ax_fq.set_title("Evolution during unlearning (mean; band: min to max over seeds)")
     for ax in (ax_fq, ax_mu):
         ax.grid(True, alpha=0.3)
     ax_mu.legend(fontsize=7, ncol=2)
@@ -123,13 +154,12 @@ def forget_kl_figure(summary: dict) -> bytes:
     style = _style(list(methods))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, m in methods.items():
-        x, y = _epochs(m, "forget_kl")
-        ax.plot(x, y, label=name, **style[name])
+        _plot_curve(ax, m, "forget_kl", style[name], name)
     # symlog: GA's KL explodes while NPO's stays moderate; both stay readable
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Forget KL (symlog)")
-    ax.set_title("Forget KL during unlearning")
+    ax.set_title("Forget KL during unlearning (mean; band: min to max over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
@@ -137,69 +167,135 @@ def forget_kl_figure(summary: dict) -> bytes:
 
 def truth_ratio_figure(summary: dict) -> bytes:
     """What forget quality compares: forget-set truth ratios of each model against the retain
-    model's (the KS test's two samples), at each method's peak epoch."""
-    ratios = summary.get("forget_truth_ratios", {})
+    model's (the KS test's two samples), at each method's peak epoch, for the first seed."""
+    first = summary["per_seed"][0]
+    ratios = first.get("forget_truth_ratios", {})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    names = [n for n in ("retain", "target", *summary["methods"]) if ratios.get(n)]
+    names = [n for n in ("retain", "target", *first["methods"]) if ratios.get(n)]
     data = [[v for v in ratios[n] if _finite(v)] for n in names]
     ax.boxplot(data, vert=False, tick_labels=names, showfliers=True)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap
     ax.axvline(1.0, color="gray", linestyle=":")
     ax.set_xlabel("Forget-set truth ratio P(perturbed) / P(paraphrased) (log)")
-    ax.set_title("Truth-ratio distributions (KS test vs the retain model)")
+    ax.set_title(f"Truth-ratio distributions, seed {first['seed']} (KS test vs the retain model)")
     ax.grid(True, alpha=0.3)
     return _png(fig)
 
 
-def _fmt(value) -> float | str:
-    return float(value) if _finite(value) else "n/a"
+def _kept(kept: dict) -> str:
+    """Forget quality at the best epoch keeping 90% utility, over the seeds that have one."""
+    missing = sum(v is None for v in kept["forget_quality"]["values"])
+    text = f"{format_spread(kept['forget_quality'])} (epoch {format_spread(kept['epoch'])})"
+    if missing == len(kept["forget_quality"]["values"]):
+        return "none"
+    return text + (f"; none in {missing} seeds" if missing else "")
+
+
+RESULT_COLUMNS = [
+    "model", "peak epoch", "forget quality", "model utility", "forget truth ratio",
+    "forget KL", "forget quality, 90% utility kept (epoch)", "final forget quality",
+    "final model utility", "unlearn s",
+]  # fmt: skip
 
 
 def results_table(summary: dict) -> tuple[list[str], list[list]]:
-    columns = [
-        "model", "peak epoch", "forget quality", "model utility", "forget truth ratio",
-        "forget KL", "forget quality, 90% utility kept (epoch)", "final forget quality",
-        "final model utility", "unlearn s",
-    ]  # fmt: skip
+    """Every figure as mean ± std over the seeds."""
     rows = []
     for key, label in (("target", "target (before unlearning)"), ("retain", "retain (gold)")):
         ref = summary.get(key, {})
         rows.append(
-            [label, "", _fmt(ref.get("forget_quality")), _fmt(ref.get("model_utility")),
-             _fmt(ref.get("forget_truth_ratio")), "", "", "", "", ""]
+            [label, "", format_spread(ref.get("forget_quality")),
+             format_spread(ref.get("model_utility")), format_spread(ref.get("forget_truth_ratio")),
+             "", "", "", "", ""]
         )  # fmt: skip
     for name, m in summary["methods"].items():
-        final, kept = m.get("final", {}), m.get("utility_kept")
+        final = m["final"]
         rows.append(
             [
                 name,
-                round(m.get("peak_epoch", 0.0), 1),
-                _fmt(m.get("forget_quality")),
-                _fmt(m.get("model_utility")),
-                _fmt(m.get("forget_truth_ratio")),
-                _fmt(m.get("forget_kl")),
-                "none" if not kept else f"{kept['forget_quality']:.3g} ({kept['epoch']:.1f})",
-                _fmt(final.get("forget_quality")),
-                _fmt(final.get("model_utility")),
-                _fmt(m.get("seconds")),
+                format_spread(m["peak_epoch"]),
+                format_spread(m["forget_quality"]),
+                format_spread(m["model_utility"]),
+                format_spread(m["forget_truth_ratio"]),
+                format_spread(m["forget_kl"]),
+                _kept(m["utility_kept"]),
+                format_spread(final["forget_quality"]),
+                format_spread(final["model_utility"]),
+                format_spread(m["seconds"]),
             ]
         )
-    return columns, rows
+    return RESULT_COLUMNS, rows
+
+
+def _pair(record: dict | None) -> str:
+    if not record:
+        return "n/a"
+    fq, mu = record.get("forget_quality"), record.get("model_utility")
+    return f"{'n/a' if fq is None else f'{fq:.3g}'} / {'n/a' if mu is None else f'{mu:.3g}'}"
+
+
+def per_seed_table(summary: dict) -> tuple[list[str], list[list]]:
+    """Forget quality / model utility of every model in every seed (methods at their peak)."""
+    runs = summary["per_seed"]
+    rows = [
+        [label, *(_pair(run[key]) for run in runs)]
+        for key, label in (("target", "target (before)"), ("retain", "retain (gold)"))
+    ]
+    rows += [[name, *(_pair(run["methods"][name]) for run in runs)] for name in summary["methods"]]
+    return ["model", *(f"seed {run['seed']}" for run in runs)], rows
 
 
 def findings_table(findings: list[dict]) -> tuple[list[str], list[list]]:
     rows = [
-        [f["claim"], "holds" if f["holds"] else "does not hold", f["evidence"]] for f in findings
+        [
+            f["claim"],
+            f"{f['verdict']} ({f['holds_in']} of {f['seeds']} seeds)",
+            "; ".join(
+                f"seed {o['seed']}: {'holds' if o['holds'] else 'does not hold'} ({o['evidence']})"
+                for o in f["per_seed"]
+            ),
+        ]
+        for f in findings
     ]
-    return ["claim (NPO paper)", "here", "evidence"], rows
+    return ["claim (NPO paper)", "over the seeds", "each seed"], rows
+
+
+def environment_section(summary: dict) -> Section:
+    """What the numbers were computed with: the command, versions, threads, CPU, seeds."""
+    env = summary.get("environment", {})
+    rows = [["command", summary.get("command", "")]]
+    rows += [["seeds", " ".join(str(s) for s in summary.get("seeds", []))]]
+    rows += [["corpus seed", str(summary.get("corpus", {}).get("seed", ""))]]
+    rows += [[name, version] for name, version in env.get("packages", {}).items()]
+    rows += [
+        [label, str(env.get(key, ""))]
+        for key, label in (
+            ("negpref", "negpref"),
+            ("python", "python"),
+            ("torch_threads", "torch threads per process"),
+            ("jobs", "worker processes"),
+            ("cpu_capability", "CPU capability (torch kernels)"),
+            ("machine", "machine"),
+            ("system", "system"),
+        )
+    ]
+    return Section(
+        "Environment",
+        paragraphs=[
+            "The same command with the same package versions, threads and CPU capability gives "
+            "the same numbers, bit for bit (the number of worker processes does not matter)."
+        ],
+        tables=[(["", "value"], rows)],
+    )
 
 
 def samples_section(samples: dict) -> Section:
     """Greedy answers of each model to the same questions, per set (NPO paper Figure 7)."""
     tables = []
     paragraphs = [
-        "Greedy answers after the last unlearning epoch. The retain model never saw the forget "
+        "Greedy answers after the last unlearning epoch (first seed). The retain model never "
+        "saw the forget "
         "authors: a good unlearning method answers forget questions like it does (fluent, wrong "
         "or unsure) and keeps the retain and general answers right."
     ]
@@ -244,16 +340,21 @@ def build_sections(summary: dict, samples: dict) -> list[Section]:
         f"Wall time: {timing.get('total_s', float('nan')):.0f} s "
         f"(target and retain models {'from the cache' if timing.get('cached') else 'trained'}: "
         f"{timing.get('models_s', float('nan')):.0f} s; unlearning and evaluation: "
-        f"{timing.get('unlearn_s', float('nan')):.0f} s).",
+        f"{timing.get('unlearn_s', float('nan')):.0f} s; "
+        f"{summary.get('environment', {}).get('jobs', 1)} worker processes).",
     ]
+    seeds = summary.get("seeds", [])
     results = Section(
         "Results",
         paragraphs=[
-            "Each method is reported at the epoch of its peak forget quality (as the NPO "
-            "paper's Figure 5), at its best epoch that keeps 90% of the target's model utility "
-            "(a practical stopping point), and after its last epoch."
+            f"Over {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}: each trains its own "
+            "target and retain models and unlearns with its own data order), every figure as "
+            f"{summary.get('spread', 'mean ± std over the seeds')}. Each method is reported at "
+            "the epoch of its peak forget quality (as the NPO paper's Figure 5), at its best "
+            "epoch that keeps 90% of the target's model utility (a practical stopping point), "
+            "and after its last epoch. Below: forget quality / model utility in each seed.",
         ],
-        tables=[results_table(summary)],
+        tables=[results_table(summary), per_seed_table(summary)],
     )
     figures = Section(
         "Figures",
@@ -264,13 +365,16 @@ def build_sections(summary: dict, samples: dict) -> list[Section]:
         ]
         + (
             [(truth_ratio_figure(summary), "Forget truth ratios at the peak epoch")]
-            if summary.get("forget_truth_ratios")
+            if summary.get("per_seed")
             else []
         ),
     )
     findings = Section(
         "The NPO paper's findings at this scale",
-        paragraphs=["Each claim of the paper's Section 5.2, checked against this run's numbers."],
+        paragraphs=[
+            "Each claim of the paper's Section 5.2, checked against each seed's numbers, and "
+            f"judged over the seeds: {summary.get('verdict_rule', '')}."
+        ],
         tables=[findings_table(summary.get("findings", []))],
     )
     return [
@@ -279,6 +383,7 @@ def build_sections(summary: dict, samples: dict) -> list[Section]:
         figures,
         findings,
         samples_section(samples),
+        environment_section(summary),
     ]
 
 
