@@ -1,4 +1,5 @@
-"""``negpref demo``: bad input, the paper-findings check, and the report as a browser shows it.
+"""``negpref demo``: bad input, the paper-findings check, figures and verdicts over seeds, the
+report as a browser shows it, and the quick run against its committed summary.
 
 The end-to-end run (``negpref demo --quick``) is marked slow; everything else is fast.
 """
@@ -17,9 +18,29 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from negpref.cli import main
-from negpref.demo import DEFAULT_METHODS, best_with_utility_kept, paper_findings
+from negpref.cli import build_parser, main
+from negpref.config import build_config
+from negpref.demo import (
+    DEFAULT_METHODS,
+    DEFAULT_SEEDS,
+    DemoConfig,
+    best_with_utility_kept,
+    command_line,
+    judge_findings,
+    over_seeds,
+    paper_findings,
+    spread,
+    verdict,
+)
 from negpref.report.demo_report import build_demo_report
+from negpref.report.demo_tables import main as demo_tables_main
+from negpref.report.demo_tables import rewrite_regions
+
+QUICK_REFERENCE = Path(__file__).parent / "data" / "demo_quick_summary.json"
+REFRESH = (
+    "negpref demo --quick --out runs/quick --overwrite && "
+    "cp runs/quick/summary.json tests/data/demo_quick_summary.json"
+)
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -155,6 +176,37 @@ def synthetic_summary() -> dict:
     }
 
 
+def synthetic_study(seeds=(0, 1, 2)) -> dict:
+    """A multi-seed summary as ``run_demo`` writes it, from per-seed synthetic summaries whose
+    NPO forget quality differs by seed."""
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        run = synthetic_summary()
+        run["seed"] = seed
+        run["methods"]["NPO"]["forget_quality"] = [1.0, 0.5, 0.25][i % 3]
+        run["findings"] = paper_findings(run)
+        per_seed.append(run)
+    first = per_seed[0]
+    return {
+        "split": "forget10",
+        "seeds": list(seeds),
+        "command": "negpref demo --seeds " + " ".join(map(str, seeds)),
+        "environment": {
+            "python": "3.11.7",
+            "packages": {"torch": "2.13.0", "tokenizers": "0.23.3"},
+            "torch_threads": 1,
+            "jobs": 2,
+            "cpu_capability": "AVX512",
+        },
+        "spread": "mean and sample standard deviation over the seeds",
+        "verdict_rule": "holds: in every seed",
+        "corpus": first["corpus"],
+        "timing": first["timing"],
+        **over_seeds(per_seed),
+        "per_seed": per_seed,
+    }
+
+
 SAMPLES = {
     "forget": [
         {
@@ -225,12 +277,120 @@ def test_findings_follow_the_numbers():
     assert not findings[PEAK_CLAIM] and not findings[KEPT_CLAIM]
 
 
+def test_spread_over_seeds():
+    figure = spread([0.2, None, 0.4])
+    assert figure["mean"] == pytest.approx(0.3)  # float sums of two numbers: ~1 ulp
+    assert figure["std"] == pytest.approx(0.1 * 2**0.5)  # sample std (n - 1) of 0.2, 0.4
+    assert (figure["min"], figure["max"]) == (0.2, 0.4)
+    assert figure["values"] == [0.2, None, 0.4]  # the seed without the figure stays visible
+    assert spread([0.5])["std"] == 0.0
+    assert spread([None, None])["mean"] is None
+
+
+def test_verdict_rule():
+    assert [verdict(k, 3) for k in (3, 2, 1, 0)] == ["holds", "mixed", "mixed", "does not hold"]
+    assert verdict(1, 1) == "holds" and verdict(0, 1) == "does not hold"
+
+
+def test_findings_are_judged_over_seeds():
+    runs = []
+    for seed, ga_peak in ((0, 0.01), (1, 1.0), (2, 0.01)):
+        run = synthetic_summary()
+        run["seed"] = seed
+        # seed 1: GA reaches NPO's forget quality at its peak with more utility
+        run["methods"]["GA"].update(forget_quality=ga_peak, model_utility=0.7)
+        run["findings"] = paper_findings(run)
+        runs.append(run)
+    judged = {f["claim"]: f for f in judge_findings(runs)}
+    peak = judged[PEAK_CLAIM]
+    assert (peak["verdict"], peak["holds_in"], peak["seeds"]) == ("mixed", 2, 3)
+    assert [(o["seed"], o["holds"]) for o in peak["per_seed"]] == [(0, True), (1, False), (2, True)]
+    assert peak["per_seed"][1]["evidence"] == (
+        "NPO: forget quality 1, utility 0.55; best baseline GA: 1, utility 0.7"
+    )
+    assert judged["GA collapses: model utility is lost"]["verdict"] == "holds"
+    for run in runs:
+        run["methods"]["NPO+RT"]["final"]["model_utility"] = 0.1
+        run["findings"] = paper_findings(run)
+    retain_term = judge_findings(runs)[-1]
+    assert retain_term["claim"].startswith("the retain term preserves model utility")
+    assert (retain_term["verdict"], retain_term["holds_in"]) == ("does not hold", 0)
+
+
+def test_figures_over_seeds():
+    study = synthetic_study()
+    npo = study["methods"]["NPO"]
+    values = [1.0, 0.5, 0.25]
+    assert npo["forget_quality"]["values"] == values
+    assert npo["forget_quality"]["mean"] == pytest.approx(np.mean(values))  # 3 terms: ~1 ulp
+    assert npo["forget_quality"]["std"] == pytest.approx(np.std(values, ddof=1))
+    # the per-epoch curves: same epochs in every seed, each figure spread over the seeds
+    assert [e["epoch"] for e in npo["epochs"]] == [float(e) for e in range(6)]
+    assert npo["epochs"][2]["forget_kl"]["values"] == [0.6, 0.6, 0.6]
+    assert npo["epochs"][2]["forget_kl"]["std"] == 0.0
+    assert study["target"]["model_utility"]["mean"] == pytest.approx(0.6)
+    # GA is below 90% of the target's utility from epoch 1 on, in every seed; NPO keeps it
+    # and forgets best at its last epoch
+    assert study["methods"]["GA"]["utility_kept"]["forget_quality"]["values"] == [None] * 3
+    assert study["methods"]["NPO"]["utility_kept"]["epoch"]["values"] == [5.0] * 3
+
+
+def test_command_line_reproduces_the_config():
+    config = DemoConfig(
+        quick=True, seeds=[3, 4], methods=["NPO", "GA"], beta=0.1, out="elsewhere", jobs=1
+    )
+    line = command_line(config)
+    # where it runs and on how many processes is not part of the numbers
+    assert line == "negpref demo --quick --seeds 3 4 --methods NPO GA --beta 0.1"
+    args = build_parser().parse_args(line.split()[1:])
+    again = build_config(DemoConfig, args)
+    assert (again.quick, again.seeds, again.methods, again.beta) == (
+        True,
+        [3, 4],
+        ["NPO", "GA"],
+        0.1,
+    )
+    assert command_line(DemoConfig()) == "negpref demo"
+
+
+def test_doc_tables_are_rewritten_from_the_summary(tmp_path, capsys):
+    study = synthetic_study()
+    text = (
+        "# Demo\nintro\n<!-- demo:table -->\nstale numbers\n<!-- /demo:table -->\nmiddle\n"
+        "<!-- demo:findings -->\n<!-- /demo:findings -->\n<!-- demo:environment -->\nold\n"
+        "<!-- /demo:environment -->\nend\n"
+    )
+    rewritten = rewrite_regions(text, study, "README.md")
+    assert "stale numbers" not in rewritten and "\nold\n" not in rewritten
+    assert rewritten.startswith("# Demo\nintro\n<!-- demo:table -->\n| model |")
+    assert "\n| NPO | 0.583 ± 0.38 | 0.55 ± 0 | 1 ± 0 / 0.55 ± 0 | 1.5 ± 0 |\n" in rewritten
+    assert "<!-- /demo:table -->\nmiddle\n" in rewritten and rewritten.endswith("\nend\n")
+    assert f"| {PEAK_CLAIM} | **holds** (3 of 3) | holds | holds | holds |" in rewritten
+    assert "`negpref demo --seeds 0 1 2` (seeds 0 1 2;" in rewritten
+    assert "torch 2.13.0, tokenizers 0.23.3; 1 torch thread per process" in rewritten
+    assert rewrite_regions(rewritten, study, "README.md") == rewritten  # idempotent
+
+    summary_path, doc = tmp_path / "summary.json", tmp_path / "doc.md"
+    summary_path.write_text(json.dumps(study))
+    doc.write_text("<!-- demo:tabel -->\n<!-- /demo:tabel -->\n")
+    assert demo_tables_main([str(summary_path), str(doc)]) == 2
+    assert "doc.md: unknown demo region(s) tabel" in capsys.readouterr().err
+    assert doc.read_text() == "<!-- demo:tabel -->\n<!-- /demo:tabel -->\n"  # left as it was
+    doc.write_text("no regions")
+    assert demo_tables_main([str(summary_path), str(doc)]) == 2
+    assert "no <!-- demo:NAME -->" in capsys.readouterr().err
+    doc.write_text(text)
+    assert demo_tables_main([str(summary_path), str(doc)]) == 0
+    assert doc.read_text() == rewritten
+
+
 def test_report_renders_in_a_browser(tmp_path):
-    summary = synthetic_summary()
-    summary["findings"] = paper_findings(summary)
-    report = build_demo_report(summary, SAMPLES, tmp_path / "report.html")
+    study = synthetic_study()
+    report = build_demo_report(study, SAMPLES, tmp_path / "report.html")
     page = report.read_text(encoding="utf-8")
     assert "I am &lt; &amp; &gt;" in page  # generations are escaped, not markup
+    assert "0.583 ± 0.38" in page  # NPO's forget quality over the three seeds
+    assert "negpref demo --seeds 0 1 2" in page and "torch threads per process" in page
     assert_looks_like_a_report(report, tmp_path, n_methods=3)
 
 
@@ -294,6 +454,49 @@ def test_bad_split_is_a_usage_error(tmp_path, capsys):
 
 # -------------------------------------------------------------------------- end to end
 
+# Figures that depend on the machine's speed or the run's place, not on the numerics.
+_NOT_FIGURES = {"timing", "seconds", "train_s", "config", "cached", "environment"}
+
+
+def figures(value, path: str = "") -> dict[str, float]:
+    """Every number of a summary by where it is (``per_seed[seed 1].methods.NPO...``)."""
+    found: dict[str, float] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _NOT_FIGURES:
+                found.update(figures(item, f"{path}.{key}" if path else key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            label = f"seed {item['seed']}" if isinstance(item, dict) and "seed" in item else i
+            found.update(figures(item, f"{path}[{label}]"))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        found[path] = value
+    return found
+
+
+def environment_differences(committed: dict, here: dict) -> list[str]:
+    """What the numbers depend on that differs: package versions, threads, CPU capability."""
+    differences = [
+        f"{name} {version} (committed) vs {here['packages'].get(name)} (here)"
+        for name, version in committed["packages"].items()
+        if here["packages"].get(name) != version
+    ]
+    differences += [
+        f"{key} {committed[key]} (committed) vs {here[key]} (here)"
+        for key in ("torch_threads", "cpu_capability")
+        if committed[key] != here[key]
+    ]
+    return differences
+
+
+def test_figures_name_where_a_number_is():
+    study = synthetic_study(seeds=(5, 6))
+    found = figures(study)
+    assert found["methods.NPO.forget_quality.mean"] == pytest.approx(0.75)
+    assert found["per_seed[seed 6].methods.NPO.forget_quality"] == 0.5
+    assert found["per_seed[seed 5].methods.GA.epochs[2].model_utility"] == pytest.approx(0.36)
+    assert not any("timing" in key or "seconds" in key for key in found)
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -311,24 +514,60 @@ def test_quick_demo_end_to_end(quick_run):
     run = root / "run"
     assert json.loads((run / "summary.json").read_text()) == summary
     assert list(summary["methods"]) == list(DEFAULT_METHODS)
-    # the retain model is the forget-quality reference: identical to itself; the target, which
-    # learned the forget authors, is far from it
-    assert summary["retain"]["forget_quality"] == 1.0
-    assert summary["target"]["forget_quality"] < summary["retain"]["forget_quality"]
-    assert summary["target"]["forget_quality"] < 0.05
+    assert summary["seeds"] == list(DEFAULT_SEEDS)
+    assert summary["command"] == "negpref demo --quick"
+    assert summary["environment"]["torch_threads"] == 1
     epochs = summary["profile"]["unlearn_epochs"]
-    for name, m in summary["methods"].items():
-        for key in ("forget_quality", "model_utility", "forget_truth_ratio"):
-            assert 0.0 <= m[key] <= 1.0, (name, key)
-        assert [round(e["epoch"]) for e in m["epochs"]] == list(range(epochs + 1))
-        start = m["epochs"][0]  # step 0: the target itself
-        assert start["forget_quality"] == pytest.approx(summary["target"]["forget_quality"])
-        assert start["forget_kl"] == pytest.approx(0.0, abs=1e-6)
-        assert (run / m["epochs"][-1]["logs_path"]).is_file()
-    for name in ("corpus/full.json", "corpus/forget10_perturbed.json", "target_logs.json"):
+    for seed_run in summary["per_seed"]:
+        # the retain model is the forget-quality reference: identical to itself; the target,
+        # which learned the forget authors, is far from it
+        assert seed_run["retain"]["forget_quality"] == 1.0
+        assert seed_run["target"]["forget_quality"] < 0.05
+        for name, m in seed_run["methods"].items():
+            for key in ("forget_quality", "model_utility", "forget_truth_ratio"):
+                assert 0.0 <= m[key] <= 1.0, (seed_run["seed"], name, key)
+            assert [round(e["epoch"]) for e in m["epochs"]] == list(range(epochs + 1))
+            start = m["epochs"][0]  # step 0: the target itself
+            assert float(start["forget_quality"]) == pytest.approx(
+                seed_run["target"]["forget_quality"]
+            )  # the same logs aggregated twice: equal up to float rounding
+            assert float(start["forget_kl"]) == pytest.approx(0.0, abs=1e-6)  # fp32 noise
+            assert (run / m["epochs"][-1]["logs_path"]).is_file()
+    # the seeds are replicates with their own models: their targets differ
+    assert len({s["target"]["model_utility"] for s in summary["per_seed"]}) == len(DEFAULT_SEEDS)
+    for name in ("corpus/full.json", "corpus/forget10_perturbed.json"):
         assert (run / name).is_file()
-    assert {PEAK_CLAIM, KEPT_CLAIM} <= {f["claim"] for f in summary["findings"]}
+    assert (run / "seeds" / "seed-0" / "target_logs.json").is_file()
+    verdicts = {f["claim"]: f for f in summary["findings"]}
+    assert {PEAK_CLAIM, KEPT_CLAIM} <= set(verdicts)
+    for f in verdicts.values():
+        assert f["verdict"] == verdict(sum(o["holds"] for o in f["per_seed"]), len(DEFAULT_SEEDS))
     assert summary["timing"]["cached"] is False
+
+
+@pytest.mark.slow
+def test_quick_demo_gives_the_committed_numbers(quick_run):
+    """Same package versions, threads and CPU capability: the committed numbers, exactly."""
+    _, summary = quick_run
+    committed = json.loads(QUICK_REFERENCE.read_text(encoding="utf-8"))
+    differences = environment_differences(committed["environment"], summary["environment"])
+    if differences:
+        pytest.fail(
+            f"{QUICK_REFERENCE.name} was made in another environment ({'; '.join(differences)}): "
+            f"its numbers are not expected here. Refresh it in the locked environment: {REFRESH}"
+        )
+    assert summary["command"] == committed["command"]
+    expected, got = figures(committed), figures(summary)
+    moved = [
+        f"{key}: {expected.get(key)} (committed) -> {got.get(key)}"
+        for key in sorted(set(expected) | set(got))
+        if expected.get(key) != got.get(key)
+    ]
+    python = (committed["environment"]["python"], summary["environment"]["python"])
+    assert not moved, (
+        f"{len(moved)} figures moved from {QUICK_REFERENCE.name} (python {python[0]} there, "
+        f"{python[1]} here), first: " + "; ".join(moved[:5]) + f". If intended: {REFRESH}"
+    )
 
 
 @pytest.mark.slow
@@ -345,10 +584,13 @@ def test_rerun_uses_the_cache_and_respects_the_old_run(quick_run, capsys):
     code, err = _demo(capsys, "--quick", "--out", str(run), "--cache-dir", str(cache))
     assert code == 2 and "--overwrite" in err
     assert (run / "summary.json").read_bytes() == before
-    code = main(["demo", "--quick", "--methods", "npo", "--out", str(run), "--overwrite",
-                 "--cache-dir", str(cache), "--json"])  # fmt: skip
+    # one seed, one method, in this process: the same numbers as in the first run's workers
+    seed = DEFAULT_SEEDS[1]
+    code = main(["demo", "--quick", "--methods", "npo", "--seeds", str(seed), "--jobs", "1",
+                 "--out", str(run), "--overwrite", "--cache-dir", str(cache), "--json"])  # fmt: skip
     again = json.loads(capsys.readouterr().out)
     assert code == 0 and again["timing"]["cached"] is True and list(again["methods"]) == ["NPO"]
-    # same seed, same cached models: the same target and retain evaluation
-    assert again["target"] == first["target"]
-    assert again["methods"]["NPO"]["epochs"] == first["methods"]["NPO"]["epochs"]
+    earlier = next(s for s in first["per_seed"] if s["seed"] == seed)
+    (now,) = again["per_seed"]
+    assert now["target"] == earlier["target"]
+    assert now["methods"]["NPO"]["epochs"] == earlier["methods"]["NPO"]["epochs"]
