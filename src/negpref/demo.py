@@ -515,6 +515,7 @@ def model_task(ctx: RunContext, seed: int, role: str) -> dict:
         model, tokenizer = _load(entry / "model")
     sets = load_tofu_sets(ctx.corpus_dir, config.split)
     logs = evaluate_tofu(model, tokenizer, sets, **ctx.eval_options())
+    ctx.seed_dir(seed).mkdir(parents=True, exist_ok=True)
     atomic_write_json(ctx.seed_dir(seed) / f"{role}_logs.json", logs)
     return {
         "dir": str(entry / "model"),
@@ -900,8 +901,7 @@ def worker_pool(workers: int) -> Iterator[Callable]:
             try:
                 return [f.result() for f in futures]
             except BaseException:
-                for f in futures:
-                    f.cancel()  # the queued tasks; the running ones end with the pool
+                pool.shutdown(cancel_futures=True)  # the running tasks end, no new one starts
                 raise
 
         yield run
