@@ -31,6 +31,7 @@ from negpref.demo import (
     paper_findings,
     spread,
     verdict,
+    worker_pool,
 )
 from negpref.report.demo_report import build_demo_report
 from negpref.report.demo_tables import main as demo_tables_main
@@ -197,6 +198,7 @@ def synthetic_study(seeds=(0, 1, 2)) -> dict:
             "torch_threads": 1,
             "jobs": 2,
             "cpu_capability": "AVX512",
+            "cpu": "AMD EPYC",
         },
         "spread": "mean and sample standard deviation over the seeds",
         "verdict_rule": "holds: in every seed",
@@ -333,6 +335,14 @@ def test_figures_over_seeds():
     # and forgets best at its last epoch
     assert study["methods"]["GA"]["utility_kept"]["forget_quality"]["values"] == [None] * 3
     assert study["methods"]["NPO"]["utility_kept"]["epoch"]["values"] == [5.0] * 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_pool_keeps_task_order_and_raises_a_task_error(workers):
+    with worker_pool(workers) as run:
+        assert run(verdict, [(3, 3), (0, 3), (1, 3)]) == ["holds", "does not hold", "mixed"]
+        with pytest.raises(ValueError):
+            run(spread, [([0.5],), (["not a number"],)])
 
 
 def test_command_line_reproduces_the_config():
@@ -475,7 +485,7 @@ def figures(value, path: str = "") -> dict[str, float]:
 
 
 def environment_differences(committed: dict, here: dict) -> list[str]:
-    """What the numbers depend on that differs: package versions, threads, CPU capability."""
+    """What the numbers depend on that differs: package versions, threads, the CPU."""
     differences = [
         f"{name} {version} (committed) vs {here['packages'].get(name)} (here)"
         for name, version in committed["packages"].items()
@@ -483,7 +493,7 @@ def environment_differences(committed: dict, here: dict) -> list[str]:
     ]
     differences += [
         f"{key} {committed[key]} (committed) vs {here[key]} (here)"
-        for key in ("torch_threads", "cpu_capability")
+        for key in ("torch_threads", "cpu_capability", "cpu")
         if committed[key] != here[key]
     ]
     return differences
@@ -547,7 +557,7 @@ def test_quick_demo_end_to_end(quick_run):
 
 @pytest.mark.slow
 def test_quick_demo_gives_the_committed_numbers(quick_run):
-    """Same package versions, threads and CPU capability: the committed numbers, exactly."""
+    """Same package versions, threads and CPU: the committed numbers, exactly."""
     _, summary = quick_run
     committed = json.loads(QUICK_REFERENCE.read_text(encoding="utf-8"))
     differences = environment_differences(committed["environment"], summary["environment"])

@@ -246,11 +246,22 @@ def command_line(config: DemoConfig) -> str:
     return shlex.join(words)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def environment(jobs: int) -> dict:
     """Package versions, threads and CPU the numbers were computed with (``summary.json``).
 
-    Same versions, threads and CPU capability give bitwise the same numbers; a different
-    matmul kernel (another CPU capability) or thread count changes reduction orders.
+    Same versions, threads and CPU give bitwise the same numbers. Another CPU can take other
+    kernels (torch's vectorised ones follow ``cpu_capability``; MKL picks its own per CPU), whose
+    different summation orders change the last bits, and a small model amplifies them.
     """
     import torch
 
@@ -261,6 +272,7 @@ def environment(jobs: int) -> dict:
         "torch_threads": 1,  # every task runs under single_threaded()
         "jobs": jobs,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model(),
         "machine": platform.machine(),
         "system": platform.system(),
     }

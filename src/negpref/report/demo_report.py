@@ -276,6 +276,7 @@ def environment_section(summary: dict) -> Section:
             ("torch_threads", "torch threads per process"),
             ("jobs", "worker processes"),
             ("cpu_capability", "CPU capability (torch kernels)"),
+            ("cpu", "CPU"),
             ("machine", "machine"),
             ("system", "system"),
         )
@@ -283,8 +284,8 @@ def environment_section(summary: dict) -> Section:
     return Section(
         "Environment",
         paragraphs=[
-            "The same command with the same package versions, threads and CPU capability gives "
-            "the same numbers, bit for bit (the number of worker processes does not matter)."
+            "The same command with the same package versions, threads and CPU gives the same "
+            "numbers, bit for bit (the number of worker processes does not matter)."
         ],
         tables=[(["", "value"], rows)],
     )

@@ -124,7 +124,8 @@ def environment_text(summary: dict) -> str:
         f"`{summary['command']}` (seeds {' '.join(str(s) for s in summary['seeds'])}; "
         f"{summary['spread']}); verdicts: {summary['verdict_rule']}. Environment: python "
         f"{env['python']}, {packages}; {env['torch_threads']} torch thread per process, "
-        f"{env['jobs']} worker processes, CPU capability {env['cpu_capability']}. Wall time "
+        f"{env['jobs']} worker processes, {env['cpu']} (torch CPU capability "
+        f"{env['cpu_capability']}). Wall time "
         f"{timing['total_s']:.0f} s with {cache} (models {timing['models_s']:.0f} s, "
         f"unlearning and evaluation {timing['unlearn_s']:.0f} s).\n"
     )
