@@ -9,16 +9,16 @@ from negpref.config import add_config_arguments, build_config
 from negpref.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig, run_demo
 from negpref.report.demo_report import format_spread
 
-EPILOG = f"""Builds a TOFU-like corpus of fictitious authors, trains a small Llama on all of it
-(the target) and one on the retain split (the gold standard), caches both, unlearns the forget
-split with each method ({", ".join(DEFAULT_METHODS)} by default) evaluating every
-epoch, for each seed ({" ".join(map(str, DEFAULT_SEEDS))} by default), and writes OUT/report.html
-and OUT/summary.json: every figure as mean ± std over the seeds, each paper claim judged over
-the seeds.
+EPILOG = f"""Builds a TOFU-like corpus of fictitious authors and, for each seed
+({" ".join(map(str, DEFAULT_SEEDS))} by default), trains a small Llama on all of it (the target) and
+one on the retain split (the gold standard), caches both, and unlearns the forget split with
+each method ({", ".join(DEFAULT_METHODS)} by default), evaluating every epoch.
+Writes OUT/report.html and OUT/summary.json: every figure as mean ± std over the seeds, each
+paper claim judged over the seeds, the environment (versions, threads, CPU).
 
 examples:
-  negpref demo                                   # under 10 minutes on 2 CPU cores (first run)
-  negpref demo --quick --out runs/demo-quick     # about a minute
+  negpref demo                                   # under 10 minutes on 2 idle CPU cores
+  negpref demo --quick --out runs/demo-quick     # about 1.5 minutes
   negpref demo --seeds 0 1 2 3 4 --methods NPO NPO+RT GA --split forget05 --out runs/f05
 """
 
