@@ -466,8 +466,12 @@ def model_entries(config: DemoConfig, corpus: Corpus, seed: int, cache_dir: Path
     }
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _train_log(path: Path) -> dict:
-    log = json.loads(path.read_text(encoding="utf-8"))
+    log = _read_json(path)
     return {k: v for k, v in log.items() if k != "loss_per_step"}
 
 
@@ -536,10 +540,6 @@ def model_task(ctx: RunContext, seed: int, role: str) -> dict:
         "parameters": sum(t.numel() for t in model.parameters()),
         "vocab_size": len(tokenizer),
     }
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # -------------------------------------------------------------------------- evaluation
