@@ -161,7 +161,8 @@ def recover_replaced(out: Path) -> None:
 
 
 def _has_checkpoints(stage: Path) -> bool:
-    return any((stage / "checkpoints").glob("step-*"))
+    saved = stage / "checkpoints"
+    return saved.is_dir() and any(saved.iterdir())
 
 
 @contextlib.contextmanager
