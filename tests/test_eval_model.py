@@ -158,8 +158,10 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         sets.forget.records[1]["question"],
         sets.forget.records[1]["answer"],
     )
-    # The reference is the model itself: zero KL, no leakage against itself.
-    assert all(abs(v) < 1e-6 for v in logs["eval_log_forget.json"]["kl_ref"].values())
+    # The reference is the model itself: zero KL, no leakage against itself. The same forward
+    # of the same batch gives bitwise-equal logits, so every term p (l - l) is exactly 0
+    # (measured 0; was < 1e-6).
+    assert all(v == 0.0 for v in logs["eval_log_forget.json"]["kl_ref"].values())
 
 
 def test_aggregate_of_model_logs(logs):
@@ -168,7 +170,7 @@ def test_aggregate_of_model_logs(logs):
     assert 0 <= result["model_utility"] <= 1
     for kind in ("retain", "real_authors", "world_facts", "forget"):
         assert 0 < result[f"{kind}/prob"] <= 1
-    assert abs(result["forget_kl"]) < 1e-6 and abs(result["retain_kl"]) < 1e-6
+    assert result["forget_kl"] == 0.0 and result["retain_kl"] == 0.0  # means of exact zeros
     assert result["forget_perplexity"] > 1
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         auc = result[f"mia/{attack}"]
