@@ -10,6 +10,7 @@ from negpref.data import load_records
 from negpref.errors import NegprefError
 from negpref.models import build_tokenizer, save_model, tiny_llama
 from negpref.studies.tofu import TofuStudyConfig, load_study_data, select_authors
+from negpref.studies.tofu_report import markdown_tables
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -76,6 +77,8 @@ def test_the_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Findings checked" in html
+    tables = markdown_tables(summary)
+    assert "| NPO | 1 |" in tables and tables.count("**not run**") >= 1
     cached = sorted(p.name.split("-")[1] for p in cache.iterdir() if p.name.startswith("tofu-"))
     assert cached == ["retain", "target"]
     # a second run reuses the cached models and the finished methods (resume)

@@ -49,6 +49,7 @@ from negpref.data import Encoded, collate, encode_qa
 from negpref.data.preference import PreferenceData
 from negpref.io import append_jsonl, atomic_write_text, read_jsonl_through
 from negpref.training import checkpoint as ckpt
+from negpref.training.devices import new_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class AlignTrainer:
         run_dir: str | Path | None = None,
         eval_fn: EvalFn | None = None,
     ):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
@@ -122,7 +122,7 @@ class AlignTrainer:
         self.pad_id = tokenizer.pad_token_id
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.eval_fn = eval_fn
-        self.accelerator = Accelerator(
+        self.accelerator = new_accelerator(
             mixed_precision=_mixed_precision(config),
             cpu=config.cpu,
             gradient_accumulation_steps=config.grad_accum,

@@ -369,3 +369,35 @@ def write_report(summary: dict, out: Path) -> Path:
     return write_html_report(
         out / "report.html", "negpref study tofu", build_sections(summary, figures)
     )
+
+
+def markdown_tables(summary: dict) -> str:
+    """The results and findings as Markdown, for the README and docs (pasted from a real run)."""
+
+    def fmt(value) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.2g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+
+    lines = [
+        "| model | peak epoch | forget quality | model utility | final FQ / MU | forget KL (final) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("base", "target", "retain"):
+        ref = summary["reference"][name]
+        lines.append(
+            f"| {name} | | {fmt(ref['forget_quality'])} | {fmt(ref['model_utility'])} | | |"
+        )
+    for method, r in summary["methods"].items():
+        peak, final = r["peak"], r["final"]
+        lines.append(
+            f"| {method} | {peak['epoch']:g} | {fmt(peak['forget_quality'])} | "
+            f"{fmt(peak['model_utility'])} | {fmt(final['forget_quality'])} / "
+            f"{fmt(final['model_utility'])} | {fmt(final['forget_kl'])} |"
+        )
+    lines += ["", "| finding | source | verdict | evidence |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {f['claim']} | {f['source']} | **{f['verdict']}** | {f['evidence']} |"
+        for f in summary["findings"]
+    ]
+    return "\n".join(lines) + "\n"

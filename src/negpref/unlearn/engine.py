@@ -21,6 +21,7 @@ import torch
 
 from negpref import losses
 from negpref.logprobs import SequenceLogps, sequence_logps
+from negpref.training.devices import new_accelerator
 from negpref.unlearn.config import UnlearnConfig
 from negpref.unlearn.dataset import MicroBatch, UnlearnData
 from negpref.unlearn.objectives import GroupLogps, Objective, StepLogps
@@ -39,8 +40,6 @@ def eval_mode(model):
 
 def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trackers=None):
     """CPU, one GPU (bf16 autocast when supported) or the processes ``accelerate launch`` set."""
-    from accelerate import Accelerator
-
     use_gpu = torch.cuda.is_available() and not config.cpu
     bf16 = config.mixed_precision == "bf16" or (
         config.mixed_precision == "auto"
@@ -48,7 +47,7 @@ def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trac
         and config.dtype == "auto"
         and torch.cuda.is_bf16_supported()
     )
-    return Accelerator(
+    return new_accelerator(
         cpu=not use_gpu,
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=config.grad_accum,
