@@ -32,10 +32,9 @@ from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
     UnlearnData,
     build_data,
-    check_qa_records,
     count_overlap,
     load_idk,
-    load_qa_file,
+    load_qa,
     record_fields,
 )
 from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
@@ -78,8 +77,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
     if forget is None:
         if not config.forget:
             raise NegprefError("--forget: required (a JSON/JSONL file of question/answer records)")
-        forget = load_qa_file(config.forget, "forget records")
-    forget = check_qa_records(list(forget), "forget records")
+        forget = config.forget
+    forget = load_qa(forget, "forget records", config.max_length)
     if config.limit:
         forget = forget[: config.limit]
     groups = objective.groups
@@ -107,8 +106,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--retain: method {config.method} (c_rt={config.c_rt}, "
                     f"c_rtkl={config.c_rtkl}) needs a retain set"
                 )
-            retain = load_qa_file(config.retain, "retain records")
-        retain = check_qa_records(list(retain), "retain records")
+            retain = config.retain
+        retain = load_qa(retain, "retain records", config.max_length)
         overlap = count_overlap(forget, retain)
         if overlap:
             warnings.append(
@@ -229,12 +228,15 @@ def run(
     *,
     model=None,
     tokenizer=None,
-    forget_records: Sequence[dict] | None = None,
-    retain_records: Sequence[dict] | None = None,
+    forget_records=None,
+    retain_records=None,
     idk_answers: Sequence[str] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model`` (or the given model and records).
+
+    ``forget_records`` / ``retain_records``: a list of dicts, a ``datasets.Dataset`` or
+    ``DatasetDict`` (its ``train`` or only split), or a path; they replace the config's files.
 
     ``callbacks``: objects with optional ``on_evaluate(state, model, tokenizer) -> dict``
     (step 0, then every ``eval_every`` steps or each epoch end, and the last step; main
