@@ -172,6 +172,30 @@ def _json_array(path: Path) -> Iterator[tuple[str, object]]:
         raise NegprefError(f"{path}:{line}: extra data after the JSON array")
 
 
+def load_json(path: str | os.PathLike, what: str) -> object:
+    """One JSON document (e.g. eval logs), UTF-8, without duplicate keys; errors name
+    ``what`` (the flag), the file and the line."""
+    path = Path(path)
+    if path.is_dir():
+        raise NegprefError(f"{what} {path}: is a directory, not a JSON file")
+    if not path.is_file():
+        raise NegprefError(f"{what} {path}: file not found")
+    text = _decode_utf8(path.read_bytes(), path, 1).removeprefix("\ufeff")
+    start = _skip_space(text, 0)
+    if start == len(text):
+        raise NegprefError(f"{what} {path}: file is empty")
+    try:
+        value, end = _parse(text, f"{what} {path}", start)
+    except json.JSONDecodeError as e:
+        raise NegprefError(
+            f"{what} {path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})"
+        ) from None
+    if _skip_space(text, end) < len(text):
+        line = text.count("\n", 0, end) + 1
+        raise NegprefError(f"{what} {path}:{line}: extra data after the JSON document")
+    return value
+
+
 def _first_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()

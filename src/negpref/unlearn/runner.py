@@ -26,7 +26,13 @@ import yaml
 from negpref.config import config_to_dict
 from negpref.errors import NegprefError
 from negpref.io import append_jsonl, atomic_write_json, atomic_write_text, check_out_dir
-from negpref.models import ModelSpec, ensure_pad_token, load_model, save_model
+from negpref.models import (
+    ModelSpec,
+    check_lora_targets,
+    ensure_pad_token,
+    load_model,
+    save_model,
+)
 from negpref.unlearn import checkpoint as ckpt
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
@@ -256,6 +262,8 @@ def run(
 
     set_seed(config.seed)
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    if config.lora:
+        check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
     data: UnlearnData = build_data(
         tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
     )
