@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from negpref.config import require
@@ -156,7 +157,7 @@ class UnlearnConfig:
         for name in ("limit", "eval_every"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
-        require(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        require(0 < self.epochs < math.inf, "epochs", self.epochs, "must be > 0 and finite")
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
