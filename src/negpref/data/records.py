@@ -1,12 +1,13 @@
 """Record files and objects -> validated dict records whose errors name file and place.
 
-Sources: JSON arrays and JSON Lines (parsed here, so every error names the line), Parquet and
-CSV files, ``datasets`` ``save_to_disk`` folders, hub dataset names (online only), and
+Sources: JSON arrays, JSON Lines and CSV (parsed here, so every error names the line; CSV
+cells stay strings, so an answer "42" is text, not a number), Parquet files and ``datasets``
+``save_to_disk`` folders (read with ``datasets``), hub dataset names (online only), and
 ``datasets.Dataset`` / ``DatasetDict`` objects or lists of dicts in Python (``as_records``).
 
-Places are numbered one way in every verb: ``FILE:LINE`` (1-based line) for JSON Lines,
-``FILE:LINE record N`` (1-based record, with the line it starts on) for a JSON array, and
-``SOURCE record N`` (1-based row) for tabular files, dataset folders and Python objects.
+Places are numbered one way in every verb: ``FILE:LINE`` (1-based line) for JSON Lines and
+CSV, ``FILE:LINE record N`` (1-based record, with the line it starts on) for a JSON array, and
+``SOURCE record N`` (1-based row) for Parquet, dataset folders, hub datasets and objects.
 
 A record too long to be trained on whole is refused before anything tokenizes it: no string
 may hold more than ``max_length * CHARS_PER_TOKEN_BOUND`` characters.
@@ -14,6 +15,8 @@ may hold more than ``max_length * CHARS_PER_TOKEN_BOUND`` characters.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -27,7 +30,7 @@ from negpref.errors import NegprefError
 # so a string of more than 64 x max_length characters cannot fit in max_length tokens but a
 # tiny prefix of it: it is refused before it costs a tokenizer pass over megabytes.
 CHARS_PER_TOKEN_BOUND = 64
-TABULAR_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+SUFFIX_KINDS = {".parquet": "parquet", ".csv": "csv"}
 # Files ``save_to_disk`` writes: a folder holding one of them is a dataset, not a mistake.
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 # Field kinds checked by ``check_kinds``: a text is a non-empty string; a prompt is that or a
@@ -196,6 +199,25 @@ def load_json(path: str | os.PathLike, what: str) -> object:
     return value
 
 
+def _csv_records(path: Path) -> Iterator[tuple[str, object]]:
+    """Rows of a CSV file with a header line, as dicts of strings."""
+    text = _decode_utf8(path.read_bytes(), path, 1).removeprefix("\ufeff")
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=None)
+    line = 1
+    try:
+        for row in reader:
+            where = f"{path}:{line + 1}"
+            line = reader.line_num
+            if None in row:
+                raise NegprefError(
+                    f"{where}: more cells than the header has columns "
+                    f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas"
+                )
+            yield where, {k: v for k, v in row.items() if v is not None}
+    except csv.Error as e:
+        raise NegprefError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
 def _first_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
@@ -223,7 +245,7 @@ def _one_split(loaded, source: str):
 
 
 def _read_with_datasets(path: Path | str, kind: str) -> list[dict]:
-    """Rows of a Parquet/CSV file, a ``save_to_disk`` folder or a hub dataset, as dicts."""
+    """Rows of a Parquet file, a ``save_to_disk`` folder or a hub dataset, as dicts."""
     import datasets
 
     # A throwaway cache: the rows are kept in memory, nothing lands in the user's HF cache.
@@ -234,15 +256,12 @@ def _read_with_datasets(path: Path | str, kind: str) -> list[dict]:
             elif kind == "hub":
                 loaded = datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True)
             else:
-                reader = (
-                    datasets.Dataset.from_parquet
-                    if kind == "parquet"
-                    else datasets.Dataset.from_csv
+                loaded = datasets.Dataset.from_parquet(
+                    str(path), cache_dir=cache, keep_in_memory=True
                 )
-                loaded = reader(str(path), cache_dir=cache, keep_in_memory=True)
         except NegprefError:
             raise
-        except Exception as e:  # pyarrow, pandas and datasets raise many types for a bad file
+        except Exception as e:  # pyarrow and datasets raise many types for a bad file
             raise NegprefError(f"{path}: could not read as {kind} ({one_line(e)})") from None
         return _one_split(loaded, str(path)).to_list()
 
@@ -262,7 +281,7 @@ def _source_kind(path: Path, what: str) -> str:
             "file, or a folder written by datasets' save_to_disk"
         )
     if path.is_file():
-        return TABULAR_SUFFIXES.get(path.suffix.lower(), "json")
+        return SUFFIX_KINDS.get(path.suffix.lower(), "json")
     if path.exists():
         raise NegprefError(f"{path}: not a regular file; give a {what} file")
     return "hub"
@@ -383,9 +402,9 @@ def load_records(
         from negpref.hub import local_or_hub
 
         local_or_hub(str(source), "", f"{what} file or folder")
-    if kind == "json":
+    if kind in ("json", "csv"):
         places, rows = [], []
-        for where, value in _json_records(path):
+        for where, value in _json_records(path) if kind == "json" else _csv_records(path):
             places.append(where)
             rows.append(value)
             check_lengths(Records([value], [where]), max_length, str(path))
