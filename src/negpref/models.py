@@ -122,7 +122,7 @@ def _load_error(spec: ModelSpec, error: Exception) -> NegprefError:
     """One line naming the flag of the file that failed, with all of the library's message."""
     flag, name = ("--gguf", spec.gguf) if spec.gguf else ("--model", spec.path)
     text = one_line(error)
-    if "trust_remote_code" in text:
+    if "trust_remote_code" in str(error):
         return NegprefError(
             f"{flag} {name}: the model needs code shipped with it, which negpref does not run "
             "by default; pass --trust-remote-code only if you trust its source"

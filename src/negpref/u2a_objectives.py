@@ -37,7 +37,10 @@ def _text(value, where: str) -> str:
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         value = value[-1].get("content")
     if not isinstance(value, str) or not value:
-        raise NegprefError(f"{where}: expected a non-empty string or chat message list")
+        raise NegprefError(
+            f"{where} must be a non-empty string or chat message list, got "
+            f"{type(value).__name__}; fix the record"
+        )
     return value
 
 
@@ -73,7 +76,7 @@ def load_negatives(source, max_length: int | None = None) -> list[dict]:
                 {
                     "id": f"{rid}/{j}" if many else rid,
                     "prompt": record[prompt_field],
-                    "response": _text(response, f"{where} field {response_field}"),
+                    "response": _text(response, f"{where}: field `{response_field}`"),
                 }
             )
     return out
@@ -189,7 +192,7 @@ class NegDPOObjective:
             _encode_all(
                 tokenizer,
                 [
-                    (p["prompt"], _completion(p[key], f"{place(pairs, i, 'pairs')} field {key}"))
+                    (p["prompt"], _completion(p[key], f"{place(pairs, i, 'pairs')}: field `{key}`"))
                     for i, p in enumerate(pairs)
                 ],
                 max_length,
