@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from negpref.data.records import one_line
 from negpref.errors import NegprefError
 
 # U2A, Appendix E.2, Table 5: the ASR-Keyword indicator list (matched case-sensitively, as the
@@ -83,9 +84,7 @@ def reward_model_scorer(path: str, device: str = "cpu", batch_size: int = 8) -> 
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise NegprefError(
-            f"--reward-model {path}: could not load ({str(e).splitlines()[0]})"
-        ) from e
+        raise NegprefError(f"--reward-model {path}: could not load ({one_line(e)})") from e
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
