@@ -522,3 +522,18 @@ def test_huge_record_is_refused_before_tokenizing(files, tmp_path, layout):
     assert not out.exists()
     # Measured, not asserted (no timed assertions): reported by the lead from these lines.
     print(f"huge {layout} record ({len(huge) >> 20} MiB): {seconds:.1f} s, peak {peak_mib:.0f} MiB")
+
+
+def test_long_string_inside_a_list_is_named_by_its_path(tmp_path):
+    from negpref.data.preference import load_preferences
+    from negpref.errors import NegprefError
+
+    # max_length 8 -> at most 8 x 64 = 512 characters per string
+    rows = [{"prompt": "p", "chosen": "c", "rejected": ["short", "x" * 600]}]
+    data = _jsonl(tmp_path / "prefs.jsonl", rows)
+    with pytest.raises(NegprefError) as info:
+        load_preferences(data, max_length=8)
+    message = str(info.value)
+    assert message.startswith(f"{data}:1: field `rejected[1]` holds 600 characters"), message
+    assert "the limit is 512 characters" in message
+    assert len(load_preferences(data, max_length=10).records) == 1  # 640 allowed: it loads

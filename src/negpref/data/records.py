@@ -25,10 +25,10 @@ from pathlib import Path
 
 from negpref.errors import NegprefError
 
-# A token covers at most a few dozen characters in common BPE/SentencePiece vocabularies
-# (SmolLM2-135M's longest token is 128 bytes, a rare whitespace run; English words are < 20),
-# so a string of more than 64 x max_length characters cannot fit in max_length tokens but a
-# tiny prefix of it: it is refused before it costs a tokenizer pass over megabytes.
+# Tokens are short: SmolLM2-135M's 49,152 tokens average 6.7 characters and the longest is 81
+# (a newline and 80 spaces). A string of more than 64 x max_length characters is ~10x more
+# than max_length tokens of ordinary text, of which all but a small prefix would be cut: it is
+# refused before it costs a tokenizer pass over megabytes (a 50 MB record cost 176 s, 8.66 GB).
 CHARS_PER_TOKEN_BOUND = 64
 SUFFIX_KINDS = {".parquet": "parquet", ".csv": "csv"}
 # Files ``save_to_disk`` writes: a folder holding one of them is a dataset, not a mistake.
@@ -287,23 +287,19 @@ def _source_kind(path: Path, what: str) -> str:
     return "hub"
 
 
-def _too_long(value, max_chars: int) -> tuple[str, int] | None:
+def _long_string(value, max_chars: int, name: str = "") -> tuple[str, int] | None:
     """The first string inside ``value`` longer than ``max_chars``: (its field path, length)."""
     if isinstance(value, str):
-        return ("", len(value)) if len(value) > max_chars else None
-    items = (
-        value.items()
-        if isinstance(value, dict)
-        else enumerate(value)
-        if isinstance(value, list)
-        else ()
-    )
-    for key, item in items:
-        found = _too_long(item, max_chars)
-        if found:
-            inner, n = found
-            name = f"{key}" if isinstance(value, dict) else f"[{key}]"
-            return (name + ("." + inner if inner and not inner.startswith("[") else inner), n)
+        return (name, len(value)) if len(value) > max_chars else None
+    if isinstance(value, dict):
+        children = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        children = ((f"{name}[{k}]", v) for k, v in enumerate(value))
+    else:
+        return None
+    for child_name, child in children:
+        if found := _long_string(child, max_chars, child_name):
+            return found
     return None
 
 
@@ -313,14 +309,14 @@ def check_lengths(records, max_length: int | None, source: str) -> None:
         return
     max_chars = max_length * CHARS_PER_TOKEN_BOUND
     for i, record in enumerate(records):
-        found = _too_long(record, max_chars)
+        found = _long_string(record, max_chars)
         if found:
             name, n = found
             raise NegprefError(
-                f"{place(records, i, source)}: field `{name}` holds {n:,} characters, more than "
-                f"--max-length {max_length} tokens can hold (at most {max_chars:,} characters, "
-                f"{CHARS_PER_TOKEN_BOUND} per token); split or shorten the record, or raise "
-                "--max-length"
+                f"{place(records, i, source)}: field `{name}` holds {n:,} characters, far more "
+                f"than --max-length {max_length} tokens hold (the limit is {max_chars:,} "
+                f"characters, {CHARS_PER_TOKEN_BOUND} per token); split or shorten the record, "
+                "or raise --max-length"
             )
 
 
@@ -359,16 +355,12 @@ def check_kinds(records, kinds: dict[str, str], source: str) -> None:
             )
 
 
-def _validate(
-    records: Records,
-    required: tuple[str, ...],
-    kinds: dict[str, str] | None,
-    max_length: int | None,
-) -> Records:
+def _validate(records: Records, required: tuple[str, ...], kinds: dict[str, str] | None) -> Records:
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise NegprefError(
-                f"{records.where(i)}: expected a JSON object, got {type(record).__name__}"
+                f"{records.where(i)}: expected a JSON object (one record), got "
+                f"{type(record).__name__}"
             )
         missing = [k for k in required if record.get(k) in (None, "", [])]
         if missing:
@@ -376,7 +368,6 @@ def _validate(
                 f"{records.where(i)}: missing field(s) {', '.join(missing)}; each record needs "
                 f"{', '.join(required)}"
             )
-    check_lengths(records, max_length, records.source)
     if kinds:
         check_kinds(records, kinds, records.source)
     return records
@@ -395,7 +386,9 @@ def load_records(
     ``kinds`` as their kind, and no string beyond what ``max_length`` tokens can hold.
     """
     if not isinstance(source, (str, os.PathLike)):
-        return _validate(as_records(source, what), required, kinds, max_length)
+        records = as_records(source, what)
+        check_lengths(records, max_length, what)
+        return _validate(records, required, kinds)
     path = Path(source)
     kind = _source_kind(path, what)
     if kind == "hub":
@@ -405,17 +398,19 @@ def load_records(
     if kind in ("json", "csv"):
         places, rows = [], []
         for where, value in _json_records(path) if kind == "json" else _csv_records(path):
+            # checked as it is read: a huge record stops the read, it is not kept
+            check_lengths(Records([value], [where]), max_length, str(path))
             places.append(where)
             rows.append(value)
-            check_lengths(Records([value], [where]), max_length, str(path))
         records = Records(rows, places, str(path))
     else:
         records = Records(
             _read_with_datasets(source if kind == "hub" else path, kind), source=str(source)
         )
+        check_lengths(records, max_length, str(source))
     if not records:
         raise NegprefError(f"{source}: {what} file is empty (no records)")
-    return _validate(records, required, kinds, max_length)
+    return _validate(records, required, kinds)
 
 
 def as_records(obj, what: str = "records") -> Records:
