@@ -147,7 +147,9 @@ def test_step_loss_matches_the_papers_equations(tmp_path, tok, forget, retain, i
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     if PRESETS[method].forget_loss in ("npo", "dpo", "kto"):
-        assert stats["logps/forget"] != pytest.approx(stats["logps/ref_forget"], abs=1e-2)
+        assert float(stats["logps/forget"]) != pytest.approx(
+            float(stats["logps/ref_forget"]), abs=1e-2
+        )
 
 
 def test_kto_z_ref_is_positive_somewhere_and_matches(tmp_path, tok, forget, retain, idk):
@@ -418,7 +420,8 @@ def test_run_directory_metrics_callbacks_and_api(tmp_path, tok, forget, retain, 
     )
     assert "truncated" in capsys.readouterr().err
     assert (out / "model" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005"]
+    # the newest two of save_total_limit=2 (default)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
     reloaded = type(res.model).from_pretrained(out / "model")
     for (name, a), b in zip(

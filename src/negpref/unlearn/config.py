@@ -11,7 +11,9 @@ from negpref.errors import NegprefError
 from negpref.unlearn.objectives import FORGET_LOSSES, PRESETS, Objective, canonical_preset
 
 # Fields that may change between a run and its --resume without changing what it computes.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "eval_every", "out", "merge"})
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "out", "merge"}
+)
 
 
 def _help(text: str, **extra) -> dict:
@@ -137,6 +139,10 @@ class UnlearnConfig:
             "checkpoint every N optimizer steps and at the end (0 = each epoch end, -1 = never)"
         ),
     )
+    save_total_limit: int = field(
+        default=2,
+        metadata=_help("checkpoints kept (newest first); resume falls back to an older one"),
+    )
     eval_every: int = field(
         default=0, metadata=_help("run evaluation callbacks every N steps (0 = each epoch end)")
     )
@@ -158,7 +164,8 @@ class UnlearnConfig:
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
         require(0 < self.epochs < math.inf, "epochs", self.epochs, "must be > 0 and finite")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
         for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("c_forget", "c_rt", "c_rtkl", "c_fgkl"):

@@ -138,8 +138,8 @@ class Engine:
         )
         # Not passed to accelerator.prepare: its wrapper steps the schedule once per process.
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
+        # Its state goes into trainer_state.json, not accelerate's pickled custom objects.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
 
     @property
     def precomputed_groups(self) -> tuple[str, ...]:
@@ -286,6 +286,9 @@ class Engine:
         if finite:  # (under DeepSpeed the engine has already stepped inside backward)
             self.optimizer.step()
             self.scheduler.step()
+            # A finite gradient can still overflow the weights (an infinite learning rate).
+            metrics["non_finite_weights"] = not all(torch.isfinite(p).all() for p in self.trainable)
+            finite = not metrics["non_finite_weights"]
         self.optimizer.zero_grad(set_to_none=True)
         metrics["finite"] = finite
         return metrics
