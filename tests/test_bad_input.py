@@ -382,7 +382,7 @@ def test_eval_alignment_refuses_a_non_empty_out(files, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert main(eval_alignment(files, out, "--overwrite")) == 0
     assert {p.name for p in out.iterdir()} == {"alignment.json", "alignment_items.jsonl"}
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # no staging left
 
 
 # ------------------------------------------------------------------------------ fuzz-style
