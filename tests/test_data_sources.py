@@ -116,14 +116,15 @@ def test_hub_dataset_name_offline_is_a_clear_error_and_online_loads(tmp_path, mo
     monkeypatch.setattr("negpref.hub.offline_reason", lambda: None)
     asked = []
 
-    def hub(name, **kwargs):
-        asked.append(name)
+    def hub(name, config=None, **kwargs):
+        asked.append((name, config))
         return datasets.DatasetDict(train=datasets.Dataset.from_list(QA))
 
     monkeypatch.setattr(datasets, "load_dataset", hub)
     records = load_qa("owner/forget-set", "forget records")
-    assert asked == ["owner/forget-set"] and list(records) == QA
-    assert records.where(1) == "owner/forget-set record 2"
+    assert list(records) == QA and records.where(1) == "owner/forget-set record 2"
+    assert list(load_qa("owner/forget-set:forget01", "forget records")) == QA
+    assert asked == [("owner/forget-set", None), ("owner/forget-set", "forget01")]
 
 
 # --------------------------------------------------------------------------- every verb

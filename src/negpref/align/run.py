@@ -121,7 +121,8 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
     """Train per ``config``; ``model``/``tokenizer`` default to loading ``config.model``."""
     if not config.out:
         raise NegprefError("--out: give a run directory")
-    check_out_dir(config.out, config.overwrite)  # before minutes of loading, not after
+    # before minutes of loading, not after
+    check_out_dir(config.out, config.overwrite, resume=config.resume)
     data = load_data(config)
     eval_fn = None
     if config.eval_reward:

@@ -2,7 +2,8 @@
 
 Sources: JSON arrays, JSON Lines and CSV (parsed here, so every error names the line; CSV
 cells stay strings, so an answer "42" is text, not a number), Parquet files and ``datasets``
-``save_to_disk`` folders (read with ``datasets``), hub dataset names (online only), and
+``save_to_disk`` folders (read with ``datasets``), hub dataset names ``OWNER/NAME`` or
+``OWNER/NAME:CONFIG`` (online only; the ``train`` or only split), and
 ``datasets.Dataset`` / ``DatasetDict`` objects or lists of dicts in Python (``as_records``).
 
 Places are numbered one way in every verb: ``FILE:LINE`` (1-based line) for JSON Lines and
@@ -248,13 +249,14 @@ def _read_with_datasets(path: Path | str, kind: str) -> list[dict]:
     """Rows of a Parquet file, a ``save_to_disk`` folder or a hub dataset, as dicts."""
     import datasets
 
-    # A throwaway cache: the rows are kept in memory, nothing lands in the user's HF cache.
+    # Local files get a throwaway cache: rows stay in memory, nothing lands in the HF cache.
     with tempfile.TemporaryDirectory(prefix="negpref-ds-") as cache:
         try:
             if kind == "disk":
                 loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-            elif kind == "hub":
-                loaded = datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True)
+            elif kind == "hub":  # downloads go to the user's HF cache, as datasets does
+                repo, _, config = str(path).partition(":")
+                loaded = datasets.load_dataset(repo, config or None, keep_in_memory=True)
             else:
                 loaded = datasets.Dataset.from_parquet(
                     str(path), cache_dir=cache, keep_in_memory=True
@@ -391,10 +393,10 @@ def load_records(
         return _validate(records, required, kinds)
     path = Path(source)
     kind = _source_kind(path, what)
-    if kind == "hub":
+    if kind == "hub":  # OWNER/NAME or OWNER/NAME:CONFIG (e.g. locuslab/TOFU:forget01)
         from negpref.hub import local_or_hub
 
-        local_or_hub(str(source), "", f"{what} file or folder")
+        local_or_hub(str(source).partition(":")[0], "", f"{what} file or folder")
     if kind in ("json", "csv"):
         places, rows = [], []
         for where, value in _json_records(path) if kind == "json" else _csv_records(path):
