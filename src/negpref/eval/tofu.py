@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from negpref.data import load_records
-from negpref.data.records import TEXT
+from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_generate
@@ -142,8 +142,8 @@ def make_eval_set(
         raise NegprefError(f"{source}: no {kind} items")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise NegprefError(f"{source} item {i}: expected a JSON object")
-        _check_record(kind, record, f"{source} item {i}")
+            raise NegprefError(f"{place(records, i, source)}: expected a JSON object")
+        _check_record(kind, record, place(records, i, source))
     keep = subsample(len(records), limit, seed)
     return EvalSet(kind=kind, records=[records[i] for i in keep], indices=keep, source=source)
 
