@@ -199,3 +199,18 @@ def test_python_objects_for_unlearn_run_and_align_trainer(model_dir, tmp_path, f
     assert len(trainer.items) == 2
     trainer.train()
     assert trainer.step == 1
+
+
+def test_u2a_cli_reads_parquet_negatives_and_csv_preferences(model_dir, tmp_path, capsys):
+    negatives = write(QA, "parquet", tmp_path)
+    preference = write(PREFS, "csv", tmp_path)
+    out = tmp_path / "u2a"
+    argv = [
+        "u2a", "--model", str(model_dir), "--forget", str(negatives), "--preference",
+        str(preference), "--rounds", "1", "--init-size", "2", "--per-round", "1", "--delta",
+        "-1", "--inner-steps", "1", "--inner-lr", "1e-3", "--batch-size", "2", "--lora-r", "2",
+        "--out", str(out), "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["candidates"] == len(QA) and summary["selected"] == 2

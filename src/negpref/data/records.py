@@ -117,8 +117,8 @@ def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 value, end = _parse(line, where, start)
             except json.JSONDecodeError as e:
                 raise NegprefError(
-                    f"{where}:{e.colno}: malformed JSON line ({e.msg}); each line must be one "
-                    "JSON object"
+                    f"{where}:{e.colno}: malformed JSON line ({e.msg}); give JSON Lines (one "
+                    "object per line) or a JSON array of records"
                 ) from None
             if line[end:].strip():
                 raise NegprefError(
