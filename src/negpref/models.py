@@ -78,14 +78,15 @@ def _check_safetensors(path: Path) -> None:
         ) from None
 
 
-def check_vocabulary(model, tokenizer, flag: str, source: str) -> None:
-    """Every token id the tokenizer can produce must have a row in the embedding matrix."""
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the embedding matrix;
+    ``where`` names the model in the error (``--model DIR``)."""
     embeddings = model.get_input_embeddings()
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
         raise NegprefError(
-            f"{flag} {source}: the tokenizer has {len(tokenizer)} tokens but the model's "
-            f"embedding only {rows} rows, so ids >= {rows} would crash the forward; use the "
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+            f"{rows} rows, so ids >= {rows} would crash the forward; use the "
             "tokenizer saved with this model (or resize the embeddings and save it again)"
         )
 
@@ -118,18 +119,22 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def _named(spec: ModelSpec) -> str:
+    """The flag and file a model came from, for errors: ``--gguf F`` or ``--model DIR``."""
+    return f"--gguf {spec.gguf}" if spec.gguf else f"--model {spec.path}"
+
+
 def _load_error(spec: ModelSpec, error: Exception) -> NegprefError:
     """One line naming the flag of the file that failed, with all of the library's message."""
-    flag, name = ("--gguf", spec.gguf) if spec.gguf else ("--model", spec.path)
     text = one_line(error)
     if "trust_remote_code" in str(error):
         return NegprefError(
-            f"{flag} {name}: the model needs code shipped with it, which negpref does not run "
+            f"{_named(spec)}: the model needs code shipped with it, which negpref does not run "
             "by default; pass --trust-remote-code only if you trust its source"
         )
     if spec.gguf:
-        return NegprefError(f"{flag} {name}: not a complete, readable GGUF file ({text})")
-    return NegprefError(f"{flag} {name}: could not load ({text})")
+        return NegprefError(f"{_named(spec)}: not a complete, readable GGUF file ({text})")
+    return NegprefError(f"{_named(spec)}: could not load ({text})")
 
 
 def _gguf_location(spec: ModelSpec) -> tuple[Path, str]:
@@ -182,9 +187,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         # the errors transformers, safetensors and gguf raise for a bad or incomplete file
         raise _load_error(spec, e) from e
-    check_vocabulary(
-        model, tokenizer, *(("--gguf", spec.gguf) if spec.gguf else ("--model", spec.path))
-    )
+    check_vocabulary(model, tokenizer, _named(spec))
     model.to(device)
     model.eval()
     if model.config.pad_token_id is None:

@@ -39,6 +39,7 @@ from negpref.io import (
 from negpref.models import (
     ModelSpec,
     check_lora_targets,
+    check_vocabulary,
     ensure_pad_token,
     load_model,
     save_model,
@@ -141,6 +142,7 @@ def _load_model(config, model, tokenizer, device):
     if model is not None:
         if tokenizer is None:
             raise NegprefError("run(): pass the tokenizer together with the model")
+        check_vocabulary(model, tokenizer, "run(model=...)")
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
         ensure_pad_token(tokenizer)
         if model.config.pad_token_id is None:
