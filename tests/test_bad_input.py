@@ -537,3 +537,12 @@ def test_long_string_inside_a_list_is_named_by_its_path(tmp_path):
     assert message.startswith(f"{data}:1: field `rejected[1]` holds 600 characters"), message
     assert "the limit is 512 characters" in message
     assert len(load_preferences(data, max_length=10).records) == 1  # 640 allowed: it loads
+
+
+def test_huge_refusal_line_is_refused(files, tmp_path, capsys):
+    idk = tmp_path / "idk.txt"
+    idk.write_text("I don't know.\n" + "no " * 20_000 + "\n")  # 59,999 once stripped
+    out = tmp_path / "out"
+    argv = unlearn(files, out, "--method", "DPO", "--idk", str(idk), "--max-length", "64")
+    fails(argv, capsys, "idk.txt:2", "59,999 characters", "limit is 4,096")
+    assert not out.exists()

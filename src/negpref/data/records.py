@@ -305,21 +305,23 @@ def _long_string(value, max_chars: int, name: str = "") -> tuple[str, int] | Non
     return None
 
 
+def _too_long(where: str, what: str, n: int, max_length: int) -> NegprefError:
+    return NegprefError(
+        f"{where}: {what} holds {n:,} characters, far more than --max-length {max_length} "
+        f"tokens hold (the limit is {max_length * CHARS_PER_TOKEN_BOUND:,} characters, "
+        f"{CHARS_PER_TOKEN_BOUND} per token); split or shorten it, or raise --max-length"
+    )
+
+
 def check_lengths(records, max_length: int | None, source: str) -> None:
     """Refuse a record holding a string far longer than ``max_length`` tokens can hold."""
     if not max_length:
         return
-    max_chars = max_length * CHARS_PER_TOKEN_BOUND
     for i, record in enumerate(records):
-        found = _long_string(record, max_chars)
+        found = _long_string(record, max_length * CHARS_PER_TOKEN_BOUND)
         if found:
             name, n = found
-            raise NegprefError(
-                f"{place(records, i, source)}: field `{name}` holds {n:,} characters, far more "
-                f"than --max-length {max_length} tokens hold (the limit is {max_chars:,} "
-                f"characters, {CHARS_PER_TOKEN_BOUND} per token); split or shorten the record, "
-                "or raise --max-length"
-            )
+            raise _too_long(place(records, i, source), f"field `{name}`", n, max_length)
 
 
 def _is_messages(value) -> bool:
@@ -437,15 +439,21 @@ def as_records(obj, what: str = "records") -> Records:
     return records
 
 
-def load_lines(path: str | os.PathLike, what: str = "lines") -> list[str]:
-    """Non-empty lines of a text file, e.g. refusal answers (``idontknow.jsonl`` is plain text)."""
+def load_lines(
+    path: str | os.PathLike, what: str = "lines", max_length: int | None = None
+) -> list[str]:
+    """Non-empty lines of a text file, e.g. refusal answers (``idontknow.jsonl`` is plain text);
+    none longer than ``max_length`` tokens can hold (``check_lengths``)."""
     path = Path(path)
     if path.is_dir():
         raise NegprefError(f"{path}: is a directory, not a {what} file (one answer per line)")
     if not path.is_file():
         raise NegprefError(f"{path}: {what} file not found")
     text = _decode_utf8(path.read_bytes(), path, 1).removeprefix("\ufeff")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
+    numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    if not numbered:
         raise NegprefError(f"{path}: {what} file is empty")
-    return lines
+    for n, line in numbered:
+        if max_length and len(line) > max_length * CHARS_PER_TOKEN_BOUND:
+            raise _too_long(f"{path}:{n}", "the line", len(line), max_length)
+    return [line for _, line in numbered]

@@ -214,5 +214,5 @@ def build_data(
     )
 
 
-def load_idk(path: str | Path) -> list[str]:
-    return load_lines(path, what="refusal answers")
+def load_idk(path: str | Path, max_length: int | None = None) -> list[str]:
+    return load_lines(path, what="refusal answers", max_length=max_length)

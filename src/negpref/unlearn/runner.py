@@ -110,7 +110,7 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--idk: method {config.method} needs refusal answers, one per line "
                     "(e.g. tofu/idontknow.jsonl)"
                 )
-            idk = load_idk(config.idk)
+            idk = load_idk(config.idk, config.max_length)
         if not idk:
             raise NegprefError("--idk: no refusal answers given")
     elif idk is not None or config.idk:
