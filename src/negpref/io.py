@@ -196,3 +196,35 @@ def staged_out_dir(
                 shutil.rmtree(stage, ignore_errors=True)
             raise
         replace_dir(stage, out)
+
+
+CACHE_ENV = "NEGPREF_CACHE_DIR"
+CACHE_MARKER = "negpref_cache.json"
+
+
+def default_cache_dir() -> Path:
+    """Where built models are cached: ``$NEGPREF_CACHE_DIR`` or ``~/.cache/negpref``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "negpref"
+
+
+def build_cached(entry: Path, build) -> tuple[Path, bool]:
+    """``entry`` if complete, else ``build(stage) -> info`` into a stage renamed to ``entry``.
+
+    ``info`` (JSON) is written last as ``negpref_cache.json``: an entry without it was never
+    finished and is rebuilt. While one process builds an entry, another is refused (locked).
+    """
+    with run_dir_lock(entry):
+        if (entry / CACHE_MARKER).is_file():
+            return entry, True
+        stage = stage_path(entry)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        try:
+            info = build(stage)
+            atomic_write_json(stage / CACHE_MARKER, info)
+            replace_dir(stage, entry)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return entry, False

@@ -39,6 +39,14 @@ class UnlearnConfig:
             choices=["auto", "float32", "bfloat16", "float16"],
         ),
     )
+    mixed_precision: str = field(
+        default="auto",
+        metadata=_help(
+            "autocast: auto = bf16 on a bf16 GPU with --dtype auto, else none; bf16 = bf16 "
+            "autocast on any device (CPUs with AVX512-BF16/AMX run it natively); no = none",
+            choices=["auto", "bf16", "no"],
+        ),
+    )
     allow_pickle: bool = field(
         default=False, metadata=_help("allow loading pickle (.bin) weights, which can run code")
     )

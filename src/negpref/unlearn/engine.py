@@ -42,7 +42,12 @@ def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trac
     from accelerate import Accelerator
 
     use_gpu = torch.cuda.is_available() and not config.cpu
-    bf16 = use_gpu and config.dtype == "auto" and torch.cuda.is_bf16_supported()
+    bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto"
+        and use_gpu
+        and config.dtype == "auto"
+        and torch.cuda.is_bf16_supported()
+    )
     return Accelerator(
         cpu=not use_gpu,
         mixed_precision="bf16" if bf16 else "no",
