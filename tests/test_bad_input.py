@@ -440,6 +440,7 @@ def _malformed(loader: str, valid: str, rng: random.Random) -> dict[str, bytes]:
         cases["wrong_types"] = json.dumps(_logs([1, "x"])).encode()
         cases["duplicate_keys"] = b'{"eval_log_forget.json": {}, "eval_log_forget.json": {}}'
         cases["not_an_object"] = b"[1, 2, 3]"
+        cases["deep_nesting"] = b"[" * 100_000 + b"]" * 100_000
         return cases
     name = field[loader]
     cases["duplicate_keys"] = f'{{"{name}": "a", "{name}": "b"}}\n'.encode()
@@ -447,6 +448,7 @@ def _malformed(loader: str, valid: str, rng: random.Random) -> dict[str, bytes]:
         cases[f"wrong_type_{label}"] = (valid + json.dumps({**_first(valid), name: value})).encode()
     cases["array_of_strings"] = b'["just", "strings"]'
     cases["bare_number"] = b"3\n"
+    cases["deep_nesting"] = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
     cases["trailing_garbage"] = (valid + "} oops\n").encode()
     return cases
 

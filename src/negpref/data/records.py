@@ -100,6 +100,8 @@ def _parse(text: str, where: str, start: int = 0) -> tuple[object, int]:
         raise NegprefError(
             f"{where}: duplicate key `{e.args[0]}` in one object; keep only one of them"
         ) from None
+    except RecursionError:
+        raise NegprefError(f"{where}: JSON nested too deeply to be a record") from None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
