@@ -214,3 +214,19 @@ def test_u2a_cli_reads_parquet_negatives_and_csv_preferences(model_dir, tmp_path
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["candidates"] == len(QA) and summary["selected"] == 2
+
+
+def test_csv_cells_stay_text_and_rows_are_named_by_their_first_line(tmp_path):
+    good = tmp_path / "qa.csv"
+    good.write_text('question,answer\n\nHow many?,42\n"a, b?","two\nlines"\n\nLast?,yes\n')
+    records = load_qa(good, "forget records")
+    assert [r["answer"] for r in records] == ["42", "two\nlines", "yes"]
+    assert records.places == [f"{good}:3", f"{good}:4", f"{good}:7"]
+    extra = tmp_path / "extra.csv"
+    extra.write_text("question,answer\nq,a\nq2,a2,oops\n")
+    with pytest.raises(NegprefError, match=r"extra\.csv:3: more cells than the header"):
+        load_qa(extra, "forget records")
+    open_quote = tmp_path / "quote.csv"
+    open_quote.write_text('question,answer\nq,a\nq2,"never closed\n')
+    with pytest.raises(NegprefError, match=r"quote\.csv:3: malformed CSV"):
+        load_qa(open_quote, "forget records")

@@ -203,22 +203,34 @@ def load_json(path: str | os.PathLike, what: str) -> object:
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, object]]:
-    """Rows of a CSV file with a header line, as dicts of strings."""
+    """Rows of a CSV file with a header line, as dicts of strings, each with its first line."""
     text = _decode_utf8(path.read_bytes(), path, 1).removeprefix("\ufeff")
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=None)
-    line = 1
+    row_start = [0]  # the line the row being read starts on (blank lines are skipped)
+
+    def lines() -> Iterator[str]:
+        for n, line in enumerate(io.StringIO(text, newline=""), start=1):
+            if not row_start[0] and line.strip():
+                row_start[0] = n
+            yield line
+
+    reader = csv.DictReader(lines(), strict=True)
     try:
-        for row in reader:
-            where = f"{path}:{line + 1}"
-            line = reader.line_num
-            if None in row:
+        header = reader.fieldnames or []  # reading it consumes the header line
+        while True:
+            row_start[0] = 0
+            row = next(reader, None)
+            if row is None:
+                return
+            where = f"{path}:{row_start[0]}"
+            if None in row:  # csv puts cells beyond the header under the key None
                 raise NegprefError(
                     f"{where}: more cells than the header has columns "
-                    f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas"
+                    f"({', '.join(header)}); quote cells that hold commas"
                 )
             yield where, {k: v for k, v in row.items() if v is not None}
     except csv.Error as e:
-        raise NegprefError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        line = row_start[0] or reader.line_num
+        raise NegprefError(f"{path}:{line}: malformed CSV ({e}); check the quotes") from None
 
 
 def _first_byte(path: Path) -> bytes:
