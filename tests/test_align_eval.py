@@ -120,7 +120,7 @@ def test_eval_alignment_cli(files, tmp_path, capsys):
     assert result["n"] == 4 and result["win_rate"] == 0.5
     assert len((out / "alignment_items.jsonl").read_text().splitlines()) == 4
     assert main(argv) == 2
-    assert "alignment.json exists" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err
     bad = [*argv[:-3], "--reward-model", str(files / "rm2"), "--out", str(tmp_path / "ev2")]
     bad.remove("--align-reward")
     bad.remove("sentiment")

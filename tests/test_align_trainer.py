@@ -258,7 +258,7 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tokenizer, tas
 
 
 def test_prompt_longer_than_max_length_is_an_error_naming_the_record(tokenizer, task_data):
-    with pytest.raises(NegprefError, match=r"task record 0: a prompt of \d+ tokens"):
+    with pytest.raises(NegprefError, match=r"task record 1: a prompt of \d+ tokens"):
         AlignTrainer(_config(max_length=5), tiny_llama(len(tokenizer)), tokenizer, task_data)
 
 

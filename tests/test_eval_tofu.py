@@ -217,7 +217,7 @@ def test_from_records_validates_and_subsamples():
     item = {"question": "q?", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
     sets = TofuSets.from_records(forget=[item] * 4, retain=[item] * 2, limit=3)
     assert len(sets.forget) == 3 and len(sets.retain) == 2 and sets.real_authors is None
-    with pytest.raises(NegprefError, match="forget records item 1: missing field"):
+    with pytest.raises(NegprefError, match="forget records record 2: missing field"):
         TofuSets.from_records(forget=[item, {"question": "q", "answer": "a"}], retain=[item])
     with pytest.raises(NegprefError, match="perturbed_answer"):
         TofuSets.from_records(forget=[{**item, "perturbed_answer": [1]}], retain=[item])

@@ -39,11 +39,11 @@ def test_load_records_formats_and_errors(tmp_path, forget01):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n\n{"question": "q2", answer}\n')
-    with pytest.raises(NegprefError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(NegprefError, match=r"bad.jsonl:3:20: malformed JSON"):
         load_records(bad)
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
-    with pytest.raises(NegprefError, match=r"line 2: missing field\(s\) answer"):
+    with pytest.raises(NegprefError, match=r"missing.jsonl:2: missing field\(s\) answer"):
         load_records(missing, ("question", "answer"))
     empty = tmp_path / "empty.json"
     empty.write_text("  \n")

@@ -129,10 +129,14 @@ def test_bad_data_files(files, tmp_path, capsys):
     fails(args(files, out, "--forget", str(broken)), capsys, "broken.jsonl:2", "malformed")
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
-    fails(args(files, out, "--forget", str(no_answer)), capsys, "line 2", "answer")
+    fails(args(files, out, "--forget", str(no_answer)), capsys, "no_answer.jsonl:2", "answer")
     fails(args(files, out, "--method", "DPO"), capsys, "--idk")
     fails(args(files, out, "--method", "NPO+RT"), capsys, "--retain")
-    fails(args(files, out, "--method", "NPO+RT", "--retain", str(no_answer)), capsys, "line 2")
+    fails(
+        args(files, out, "--method", "NPO+RT", "--retain", str(no_answer)),
+        capsys,
+        "no_answer.jsonl:2",
+    )
     assert not out.exists()  # nothing written for input errors
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer, History, reward_eval
 from negpref.config import config_to_dict
-from negpref.data import load_records
 from negpref.data.pref_task import reward_function
 from negpref.data.preference import FieldNames, PreferenceData, load_preferences
+from negpref.data.records import PROMPT, load_records
 from negpref.errors import NegprefError
-from negpref.io import atomic_write_json, staged_out_dir
+from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
 from negpref.models import ModelSpec, load_model, save_model
 from negpref.training.checkpoint import Resumable, read_state, resumable_checkpoint
 
@@ -34,12 +34,18 @@ def load_data(config: AlignConfig) -> PreferenceData:
     if not config.data:
         raise NegprefError("--data: give a preference file (JSON, JSONL, Parquet or dataset dir)")
     fields = FieldNames(config.prompt_field, config.chosen_field, config.rejected_field)
-    return load_preferences(config.data, fields, config.num_candidates)
+    return load_preferences(config.data, fields, config.num_candidates, config.max_length)
 
 
 def eval_prompts(config: AlignConfig, data: PreferenceData) -> list:
     if config.eval_data:
-        rows = load_records(config.eval_data, required=("prompt",), what="evaluation prompts")
+        rows = load_records(
+            config.eval_data,
+            required=("prompt",),
+            what="evaluation prompts",
+            kinds={"prompt": PROMPT},
+            max_length=config.max_length,
+        )
         prompts = [r["prompt"] for r in rows]
     else:
         seen, prompts = set(), []
@@ -115,6 +121,8 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
     """Train per ``config``; ``model``/``tokenizer`` default to loading ``config.model``."""
     if not config.out:
         raise NegprefError("--out: give a run directory")
+    # before minutes of loading, not after
+    check_out_dir(config.out, config.overwrite, resume=config.resume)
     data = load_data(config)
     eval_fn = None
     if config.eval_reward:

@@ -46,7 +46,7 @@ from negpref.align.generate import Sampling, generate
 from negpref.align.links import link_dpo
 from negpref.align.mcpo import KernelDraw, draw, ranking_nce
 from negpref.data import Encoded, collate, encode_qa
-from negpref.data.preference import PreferenceData
+from negpref.data.preference import FieldNames, load_preferences
 from negpref.io import append_jsonl, atomic_write_text, read_jsonl_through
 from negpref.training import checkpoint as ckpt
 from negpref.training.devices import new_accelerator
@@ -110,13 +110,21 @@ class AlignTrainer:
         config: AlignConfig,
         model,
         tokenizer,
-        data: PreferenceData,
+        data,
         run_dir: str | Path | None = None,
         eval_fn: EvalFn | None = None,
     ):
+        """``data``: ``PreferenceData``, or any source ``load_preferences`` reads (a path, a
+        ``datasets.Dataset``/``DatasetDict``, a list of dict records)."""
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
+        data = load_preferences(
+            data,
+            FieldNames(config.prompt_field, config.chosen_field, config.rejected_field),
+            config.num_candidates,
+            config.max_length,
+        )
         self.config = config
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id

@@ -184,8 +184,8 @@ def _main(args) -> int:
 
 
 def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
-    from negpref.data import load_records
-    from negpref.models import ModelSpec, load_model
+    from negpref.data.records import PROMPT, load_records
+    from negpref.models import ModelSpec, check_lora_targets, load_model
     from negpref.u2a import run_u2a
     from negpref.u2a_objectives import (
         LMForgetTask,
@@ -196,8 +196,30 @@ def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
         load_reward_fn,
     )
 
-    negatives = load_negatives(cfg.forget)
-    retain = load_negatives(cfg.retain) if cfg.loss in ("graddiff", "npo_rt") else None
+    # every input file is read and checked before the model loads
+    negatives = load_negatives(cfg.forget, cfg.max_length)
+    retain = (
+        load_negatives(cfg.retain, cfg.max_length) if cfg.loss in ("graddiff", "npo_rt") else None
+    )
+    if cfg.objective == "dpo":
+        pairs = load_records(
+            cfg.preference,
+            ("prompt", "chosen", "rejected"),
+            "preference pairs",
+            kinds={"prompt": PROMPT},
+            max_length=cfg.max_length,
+        )
+    else:
+        rows = load_records(
+            cfg.prompts,
+            what="prompts",
+            kinds={"prompt": PROMPT, "question": PROMPT},
+            max_length=cfg.max_length,
+        )
+        for i, r in enumerate(rows):
+            if not (r.get("prompt") or r.get("question")):
+                raise NegprefError(f"{rows.where(i)}: needs a `prompt` (or `question`) field")
+        prompts = [r.get("prompt") or r.get("question") for r in rows]
     model, tokenizer = load_model(ModelSpec(cfg.model, cfg.gguf or None, cfg.dtype), cfg.device)
     from transformers import set_seed
 
@@ -205,6 +227,7 @@ def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, cfg.lora_targets, "--lora-targets")
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -230,16 +253,10 @@ def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
         cfg.batch_size,
     )
     if cfg.objective == "dpo":
-        pairs = load_records(cfg.preference, ("prompt", "chosen", "rejected"), "preference pairs")
         objective = NegDPOObjective(
             model, tokenizer, pairs, cfg.dpo_beta, cfg.max_length, cfg.batch_size
         )
     else:
-        prompts = [
-            r.get("prompt") or r.get("question") for r in load_records(cfg.prompts, what="prompts")
-        ]
-        if not all(prompts):
-            raise NegprefError(f"{cfg.prompts}: every record needs a prompt (or question) field")
         reward = (
             RewardModelScorer(cfg.reward_model, cfg.device)
             if cfg.reward_model

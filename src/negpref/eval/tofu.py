@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from negpref.data import load_records
+from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_generate
@@ -42,6 +43,7 @@ _REQUIRED = {
     "world_facts": ("question", "answer", "perturbed_answer"),
     "holdout": ("question", "answer"),
 }
+_KINDS = {"question": TEXT, "answer": TEXT, "paraphrased_answer": TEXT}
 
 
 @dataclass
@@ -140,8 +142,8 @@ def make_eval_set(
         raise NegprefError(f"{source}: no {kind} items")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise NegprefError(f"{source} item {i}: expected a JSON object")
-        _check_record(kind, record, f"{source} item {i}")
+            raise NegprefError(f"{place(records, i, source)}: expected a JSON object")
+        _check_record(kind, record, place(records, i, source))
     keep = subsample(len(records), limit, seed)
     return EvalSet(kind=kind, records=[records[i] for i in keep], indices=keep, source=source)
 
@@ -221,8 +223,12 @@ def load_tofu_sets(
     percent = _split_percent(split)
     root = resolve_tofu_dir(data_dir)
     forget_eval_path = _forget_eval_file(root, split)
-    split_records = load_records(root / f"{split}.json", ("question", "answer"), "forget split")
-    forget_records = load_records(forget_eval_path, _REQUIRED["forget"], "forget evaluation")
+    split_records = load_records(
+        root / f"{split}.json", ("question", "answer"), "forget split", kinds=_KINDS
+    )
+    forget_records = load_records(
+        forget_eval_path, _REQUIRED["forget"], "forget evaluation", kinds=_KINDS
+    )
     check_perturbed_matches(
         forget_records,
         [r["question"] for r in split_records],
@@ -231,7 +237,7 @@ def load_tofu_sets(
     )
 
     def read(kind: str, path: Path) -> EvalSet:
-        records = load_records(path, _REQUIRED[kind], f"{kind} evaluation")
+        records = load_records(path, _REQUIRED[kind], f"{kind} evaluation", kinds=_KINDS)
         return make_eval_set(kind, records, str(path), limit, seed)
 
     holdout_path = Path(holdout) if holdout is not None else root / f"holdout{percent:02d}.json"

@@ -19,14 +19,13 @@ membership scores (with a holdout set).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from negpref.data.records import load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.mia import ATTACKS, mia_auc, privleak
@@ -67,13 +66,7 @@ def short_list(indices, limit: int = 10) -> str:
 
 def load_logs(path: str | os.PathLike, what: str = "--logs") -> dict[str, dict]:
     """Read a logs JSON (``{eval file: {metric: {index: value}}}``) and check its shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise NegprefError(f"{what} {path}: file not found")
-    try:
-        logs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NegprefError(f"{what} {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    logs = load_json(path, what)
     check_logs(logs, f"{what} {path}")
     return logs
 
@@ -87,6 +80,8 @@ def check_logs(logs, where: str) -> None:
             f"{where}: unknown eval file(s) {', '.join(unknown)}; known: {', '.join(KNOWN_FILES)}"
         )
     for file, per_metric in logs.items():
+        if not isinstance(per_metric, dict):
+            raise NegprefError(f"{where}: {file} must map metric names to {{index: value}}")
         needed = _HOLDOUT_METRICS if file == HOLDOUT_FILE else _AGGREGATED_METRICS
         missing = [m for m in needed if not isinstance(per_metric.get(m), dict)]
         if missing:
@@ -97,6 +92,22 @@ def check_logs(logs, where: str) -> None:
                 raise NegprefError(
                     f"{where}: {file} metric {metric} covers other items than avg_gt_loss"
                 )
+            _check_numbers(per_metric[metric], f"{where}: {file} metric {metric}")
+
+
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_numbers(values: dict, where: str) -> None:
+    """Per-item values are numbers (null = not computed), or lists of them (perturbed)."""
+    for index, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(_is_number(v) for v in items):
+            raise NegprefError(
+                f"{where} item {index}: expected a number (or null), got {value!r:.60}; the "
+                "logs must hold numbers"
+            )
 
 
 def _values(per_metric: dict, metric: str, keys: list[str]) -> list:

@@ -171,7 +171,7 @@ class UnlearnConfig:
         for name in ("limit", "eval_every"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
-        require(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        require(0 < self.epochs < math.inf, "epochs", self.epochs, "must be > 0 and finite")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0")
         require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
         for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):

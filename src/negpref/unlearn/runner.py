@@ -36,16 +36,22 @@ from negpref.io import (
     run_dir_lock,
     stage_path,
 )
-from negpref.models import ModelSpec, ensure_pad_token, load_model, save_model
+from negpref.models import (
+    ModelSpec,
+    check_lora_targets,
+    check_vocabulary,
+    ensure_pad_token,
+    load_model,
+    save_model,
+)
 from negpref.training import checkpoint as ckpt
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
     UnlearnData,
     build_data,
-    check_qa_records,
     count_overlap,
     load_idk,
-    load_qa_file,
+    load_qa,
     record_fields,
 )
 from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
@@ -88,8 +94,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
     if forget is None:
         if not config.forget:
             raise NegprefError("--forget: required (a JSON/JSONL file of question/answer records)")
-        forget = load_qa_file(config.forget, "forget records")
-    forget = check_qa_records(list(forget), "forget records")
+        forget = config.forget
+    forget = load_qa(forget, "forget records", config.max_length)
     if config.limit:
         forget = forget[: config.limit]
     groups = objective.groups
@@ -104,7 +110,7 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--idk: method {config.method} needs refusal answers, one per line "
                     "(e.g. tofu/idontknow.jsonl)"
                 )
-            idk = load_idk(config.idk)
+            idk = load_idk(config.idk, config.max_length)
         if not idk:
             raise NegprefError("--idk: no refusal answers given")
     elif idk is not None or config.idk:
@@ -117,8 +123,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--retain: method {config.method} (c_rt={config.c_rt}, "
                     f"c_rtkl={config.c_rtkl}) needs a retain set"
                 )
-            retain = load_qa_file(config.retain, "retain records")
-        retain = check_qa_records(list(retain), "retain records")
+            retain = config.retain
+        retain = load_qa(retain, "retain records", config.max_length)
         overlap = count_overlap(forget, retain)
         if overlap:
             warnings.append(
@@ -136,6 +142,7 @@ def _load_model(config, model, tokenizer, device):
     if model is not None:
         if tokenizer is None:
             raise NegprefError("run(): pass the tokenizer together with the model")
+        check_vocabulary(model, tokenizer, "run(model=...)")
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
         ensure_pad_token(tokenizer)
         if model.config.pad_token_id is None:
@@ -230,12 +237,15 @@ def run(
     *,
     model=None,
     tokenizer=None,
-    forget_records: Sequence[dict] | None = None,
-    retain_records: Sequence[dict] | None = None,
+    forget_records=None,
+    retain_records=None,
     idk_answers: Sequence[str] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model`` (or the given model and records).
+
+    ``forget_records`` / ``retain_records``: a list of dicts, a ``datasets.Dataset`` or
+    ``DatasetDict`` (its ``train`` or only split), or a path; they replace the config's files.
 
     ``callbacks``: objects with optional ``on_evaluate(state, model, tokenizer) -> dict``
     (step 0, then every ``eval_every`` steps or each epoch end, and the last step; main
@@ -291,6 +301,8 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
 
     set_seed(config.seed)
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    if config.lora:
+        check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
     data: UnlearnData = build_data(
         tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
     )
