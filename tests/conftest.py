@@ -28,3 +28,10 @@ def one_thread():
     """Tiny models: one torch thread avoids oversubscribing the 2-core machine."""
     with single_threaded():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Tests never reach a hub: a name not found locally fails as it would offline (tests of
+    online behaviour patch ``negpref.hub.offline_reason`` themselves)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
