@@ -152,10 +152,12 @@ def _check_resume(out: Path, config_dict: dict) -> Path | None:
             raise NegprefError(f"--resume: {out} holds no negpref run (no config.yaml)")
         return None
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    # A field added after the run started was at its default then.
+    defaults = config_to_dict(UnlearnConfig())
     changed = [
-        f"{k} ({saved.get(k)!r} -> {v!r})"
+        f"{k} ({saved.get(k, defaults[k])!r} -> {v!r})"
         for k, v in config_dict.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
     ]
     if changed:
         raise NegprefError(
@@ -254,8 +256,15 @@ def run(
 
     set_seed(config.seed)
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    prompt = config.prompt_format()
     data: UnlearnData = build_data(
-        tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
+        tokenizer,
+        inputs.forget,
+        inputs.retain,
+        inputs.idk,
+        config.max_length,
+        config.seed,
+        prompt,
     )
     warnings = inputs.warnings
     for group, n in data.truncated.items():
@@ -352,6 +361,8 @@ def run(
             "forget_loss": objective.forget_loss.description,
             **{k: getattr(config, k) for k in ("c_forget", "c_rt", "c_rtkl", "c_fgkl", "beta")},
         },
+        "conventions": config.conventions,
+        "prompt_format": prompt.describe(tokenizer),
         "steps": engine.total_steps,
         "epochs": config.epochs,
         "effective_batch": engine.effective_batch,
