@@ -93,7 +93,8 @@ def test_min_k_plus_plus_by_hand():
     token_logps = torch.log_softmax(logits, -1)[0, [0, 1], targets].unsqueeze(0)
     z = []
     for t, target in enumerate(targets):
-        lp = [x - math.log(sum(math.exp(y) for y in logits[0, t].tolist())) for x in logits[0, t]]
+        row = logits[0, t].tolist()
+        lp = [x - math.log(sum(math.exp(y) for y in row)) for x in row]
         p = [math.exp(x) for x in lp]
         mu = sum(pi * li for pi, li in zip(p, lp))
         var = sum(pi * li * li for pi, li in zip(p, lp)) - mu * mu
