@@ -115,7 +115,20 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         "eval_real_world_wo_options.json",
         "eval_log_forget.json",
         "eval_log_holdout.json",
+        "negpref_meta",
     ]
+    # How the prompts were built and which conventions scored them travel with the logs.
+    assert logs["negpref_meta"] == {
+        "prompt_format": {
+            "system_prompt": None,
+            "chat_template": True,
+            "fallback_template": "Question: {question}\nAnswer:",
+            "template_used": "fallback",  # the tiny test tokenizer has no chat template
+        },
+        "conventions": "npo",
+        "mia_k": 0.2,
+        "generation": True,
+    }
     tofu_metrics = {
         "avg_gt_loss",
         "gt_loss",
@@ -169,8 +182,9 @@ def test_aggregate_of_model_logs(logs):
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         auc = result[f"mia/{attack}"]
         assert 0 <= auc <= 1
-        # Against itself: no leakage, undefined (None) when the retain AUC is 0.
-        assert result[f"privleak/{attack}"] == (0.0 if auc > 0 else None)
+        # Against itself: no leakage, undefined (None) when the retain AUC is 1.
+        assert result[f"privleak/{attack}"] == (0.0 if auc < 1 else None)
+    assert result["privleak_reference"] == "retain logs"
 
 
 def test_privleak_against_a_retain_model_with_chance_auc(logs):
@@ -188,7 +202,8 @@ def test_privleak_against_a_retain_model_with_chance_auc(logs):
     )
     result = aggregate(logs, retain)
     assert result["mia/loss"] == auc
-    assert result["privleak/loss"] == pytest.approx((auc - 0.5) / 0.5)
+    # MUSE's PrivLeak, in percent, on 1 - AUC
+    assert result["privleak/loss"] == pytest.approx(((1 - auc) - 0.5) / 0.5 * 100)
 
 
 def test_forget_kl_against_another_reference(model, tokenizer, sets, forget_only):

@@ -324,6 +324,15 @@ def aggregate(
             missing[f"{kind}/rougeL"] = "no generations in the logs (evaluated without generation)"
             if kind in UTILITY_SETS:
                 missing["model_utility"] = f"needs ROUGE-L, which the {kind} logs lack"
+        keys = list(per_metric["avg_gt_loss"])
+        texts = per_metric.get("generated_text", {})
+        counts[kind] = {
+            "items": len(keys),
+            "nan_items": _n_nan(per_metric, keys),
+            "empty_generations": sum(not str(t[1]).strip() for t in texts.values()),
+        }
+    if components and "model_utility" not in missing:
+        result["model_utility"] = metrics.model_utility(components)
     if FORGET_FILE in logs:
         result["forget_truth_ratio"] = result["forget/truth_ratio"]
         if retain_logs is not None:
