@@ -380,6 +380,7 @@ def write_logs(
     """Write ``logs`` into ``folder`` as TOFU's ``logs.json``, or as open-unlearning's
     ``TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (``aggregates`` fill their ``agg_value``s)."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     if log_format == "tofu":
         atomic_write_json(folder / TOFU_LOGS_FILE, logs)
         return [folder / TOFU_LOGS_FILE]
