@@ -172,7 +172,7 @@ def test_open_unlearning_logs_missing_a_needed_metric_name_it(tmp_path):
     del ou_retain["forget_Q_A_PARA_Prob"]
     path = tmp_path / "TOFU_EVAL.json"
     path.write_text(json.dumps(ou_retain))
-    with pytest.raises(NegprefError, match="lack forget_Q_A_PARA_Prob .* truth ratio"):
+    with pytest.raises(NegprefError, match=r"lack forget_Q_A_PARA_Prob .* truth ratio"):
         load_logs(path, "--retain-logs")
 
 

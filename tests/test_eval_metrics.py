@@ -136,4 +136,3 @@ def test_privleak_follows_muse_sign_convention():
     assert mia.privleak(0.25, 0.5) == pytest.approx(50.0)  # over-unlearned: positive
     assert mia.privleak(0.5, 0.5) == 0.0
     assert math.isnan(mia.privleak(0.5, 1.0))  # 1 - AUC_retain = 0: undefined
-
