@@ -3,7 +3,8 @@
 Reads top to bottom: inputs are checked before anything is written; the run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
 results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
-the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``) and
+the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``; a LoRA
+run from a GGUF file also ``base_model/``, which the adapter names as its base) and
 ``summary.json``.
 """
 
@@ -42,6 +43,7 @@ from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
 from negpref.unlearn.objectives import Objective
 
 REF_CACHE = "reference_logps.safetensors"
+BASE_MODEL_DIR = "base_model"  # a GGUF base, saved for the LoRA adapter to point at
 
 
 @dataclass
@@ -202,22 +204,44 @@ def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool)
     return seconds
 
 
+def _staged(out: Path, name: str, save) -> Path:
+    """``save(folder)`` into ``out/.name.partial``, then renamed to ``out/name``."""
+    target, stage = out / name, out / f".{name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    save(stage)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(stage, target)
+    return target
+
+
+def _save_gguf_base(model, tokenizer, out: Path) -> Path:
+    """The base of a LoRA run loaded from GGUF, as a model folder (safetensors) in the run.
+
+    An adapter records its base model's path, and a GGUF file's folder is not loadable by
+    ``from_pretrained`` (no config.json); the adapter points here instead. Saved before
+    training (the base never changes under LoRA); a resumed run keeps the saved one.
+    """
+    target = out / BASE_MODEL_DIR
+    if not (target / "config.json").is_file():
+        _staged(out, BASE_MODEL_DIR, lambda d: save_model(model, tokenizer, d))
+    return target
+
+
 def _save_final(engine: Engine, tokenizer, out: Path, config) -> tuple[Any, dict[str, str]]:
     """Write the final model (staged, then renamed); return the model to hand back."""
     model = engine.unwrapped
     written: dict[str, str] = {}
 
     def staged(name: str, save) -> None:
-        target, stage = out / name, out / f".{name}.partial"
-        shutil.rmtree(stage, ignore_errors=True)
-        save(stage)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(stage, target)
-        written[f"{name}_dir"] = str(target)
+        written[f"{name}_dir"] = str(_staged(out, name, save))
 
     is_main = engine.accelerator.is_main_process
     if config.lora:
         if is_main and config.save_model:
+            if config.gguf:  # what peft's AutoPeftModel* will load as the base
+                base = (out / BASE_MODEL_DIR).resolve()
+                model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
+                written["base_model_dir"] = str(out / BASE_MODEL_DIR)
             staged("adapter", lambda d: save_model(model, tokenizer, d))
         if config.merge:
             model = model.merge_and_unload()
@@ -285,6 +309,9 @@ def run(
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     accelerator.wait_for_everyone()
 
+    if is_main and config.lora and config.gguf and config.save_model:
+        _save_gguf_base(model, tokenizer, out)
+    accelerator.wait_for_everyone()
     engine = Engine(config, objective, model, tokenizer, data, accelerator)
     if engine.is_lora:
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
