@@ -420,7 +420,8 @@ def test_run_directory_metrics_callbacks_and_api(tmp_path, tok, forget, retain, 
     )
     assert "truncated" in capsys.readouterr().err
     assert (out / "model" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005"]
+    # the newest two of save_total_limit=2 (default)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
     reloaded = type(res.model).from_pretrained(out / "model")
     for (name, a), b in zip(

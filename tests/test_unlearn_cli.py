@@ -14,8 +14,8 @@ from negpref.cli import main
 from negpref.config import build_config
 from negpref.data import load_lines, load_records
 from negpref.models import build_tokenizer, save_model, tiny_llama
+from negpref.training.checkpoint import latest_checkpoint, read_state
 from negpref.unlearn import FORGET_LOSSES, PRESETS, ForgetLoss, Preset, UnlearnConfig, run
-from negpref.unlearn.checkpoint import latest_checkpoint, read_state
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

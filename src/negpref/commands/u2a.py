@@ -102,6 +102,9 @@ def register(sub) -> None:
     )
     add_config_arguments(parser, U2ARunConfig)
     _add_output_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a killed run after its last saved round"
+    )
     parser.set_defaults(func=_main)
     modes = parser.add_subparsers(dest="u2a_mode", metavar="{synthetic,ablation}")
     synthetic = modes.add_parser("synthetic", help="known-answer check on a softmax policy")
@@ -163,9 +166,13 @@ def _main(args) -> int:
     cfg = build_config(U2ARunConfig, args)
     out = _out_dir(args)
     collected: list[str] = []
-    with _warnings_to_stderr(collected):
-        run = _run(cfg)
-        summary = _write_run(run, cfg, out, args.overwrite, collected)
+    with (
+        _warnings_to_stderr(collected),
+        staged_out_dir(out, args.overwrite, resume=args.resume) as stage,
+    ):
+        # Rounds are saved in the stage: a killed run continues with --resume.
+        run = _run(cfg, stage / "checkpoints")
+        summary = _write_run(run, cfg, stage, collected)
     _print(
         args,
         summary,
@@ -176,7 +183,7 @@ def _main(args) -> int:
     return 0
 
 
-def _run(cfg: U2ARunConfig) -> dict:
+def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
     from negpref.data import load_records
     from negpref.models import ModelSpec, load_model
     from negpref.u2a import run_u2a
@@ -192,6 +199,9 @@ def _run(cfg: U2ARunConfig) -> dict:
     negatives = load_negatives(cfg.forget)
     retain = load_negatives(cfg.retain) if cfg.loss in ("graddiff", "npo_rt") else None
     model, tokenizer = load_model(ModelSpec(cfg.model, cfg.gguf or None, cfg.dtype), cfg.device)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation and any sampling follow --seed
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -254,11 +264,11 @@ def _run(cfg: U2ARunConfig) -> dict:
             file=sys.stderr,
         )
 
-    result = run_u2a(model, task, objective, algorithm, on_round=progress)
+    result = run_u2a(model, task, objective, algorithm, on_round=progress, state_dir=state_dir)
     return {"result": result, "model": model, "tokenizer": tokenizer, "negatives": negatives}
 
 
-def _write_run(run: dict, cfg: U2ARunConfig, out: Path, overwrite: bool, collected) -> dict:
+def _write_run(run: dict, cfg: U2ARunConfig, stage: Path, collected) -> dict:
     from negpref.models import save_model
     from negpref.u2a_report import run_sections
 
@@ -273,22 +283,21 @@ def _write_run(run: dict, cfg: U2ARunConfig, out: Path, overwrite: bool, collect
         "rounds": len(result.log) - 1,
         "warnings": collected,
     }
-    with staged_out_dir(out, overwrite) as stage:
-        for i, w in zip(result.selected, result.weights):
-            append_jsonl(
-                stage / "selected.jsonl",
-                {"id": ids[i], "index": i, "weight": w, "initial_gain": result.initial_gains[i]},
-            )
-        for record in result.log:
-            append_jsonl(stage / "u2a_log.jsonl", record)
-        for i, gain in enumerate(result.initial_gains):
-            append_jsonl(stage / "gains.jsonl", {"id": ids[i], "index": i, "initial_gain": gain})
-        save_model(run["model"], run["tokenizer"], stage / "model")
-        atomic_write_json(stage / "config.json", config_to_dict(cfg))
-        atomic_write_json(stage / "summary.json", summary)
-        write_html_report(
-            stage / "report.html", "negpref u2a", run_sections(result, ids, config_to_dict(cfg))
+    for i, w in zip(result.selected, result.weights):
+        append_jsonl(
+            stage / "selected.jsonl",
+            {"id": ids[i], "index": i, "weight": w, "initial_gain": result.initial_gains[i]},
         )
+    for record in result.log:
+        append_jsonl(stage / "u2a_log.jsonl", record)
+    for i, gain in enumerate(result.initial_gains):
+        append_jsonl(stage / "gains.jsonl", {"id": ids[i], "index": i, "initial_gain": gain})
+    save_model(run["model"], run["tokenizer"], stage / "model")
+    atomic_write_json(stage / "config.json", config_to_dict(cfg))
+    atomic_write_json(stage / "summary.json", summary)
+    write_html_report(
+        stage / "report.html", "negpref u2a", run_sections(result, ids, config_to_dict(cfg))
+    )
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from negpref.config import require
@@ -12,7 +13,9 @@ from negpref.errors import NegprefError
 from negpref.unlearn.objectives import PRESETS, Objective, canonical_preset, forget_loss_for
 
 # Fields that may change between a run and its --resume without changing what it computes.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "eval_every", "out", "merge"})
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "out", "merge"}
+)
 
 
 def _help(text: str, **extra) -> dict:
@@ -36,6 +39,14 @@ class UnlearnConfig:
             "weights dtype; auto = float32 weights with bf16 autocast on a bf16 GPU, float32 on "
             "CPU",
             choices=["auto", "float32", "bfloat16", "float16"],
+        ),
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata=_help(
+            "autocast: auto = bf16 on a bf16 GPU with --dtype auto, else none; bf16 = bf16 "
+            "autocast on any device (CPUs with AVX512-BF16/AMX run it natively); no = none",
+            choices=["auto", "bf16", "no"],
         ),
     )
     allow_pickle: bool = field(
@@ -156,6 +167,10 @@ class UnlearnConfig:
             "checkpoint every N optimizer steps and at the end (0 = each epoch end, -1 = never)"
         ),
     )
+    save_total_limit: int = field(
+        default=2,
+        metadata=_help("checkpoints kept (newest first); resume falls back to an older one"),
+    )
     eval_every: int = field(
         default=0, metadata=_help("run evaluation callbacks every N steps (0 = each epoch end)")
     )
@@ -179,7 +194,8 @@ class UnlearnConfig:
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
         require(self.epochs > 0, "epochs", self.epochs, "must be > 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
         for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("c_forget", "c_rt", "c_rtkl", "c_fgkl"):

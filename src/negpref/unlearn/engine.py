@@ -42,7 +42,12 @@ def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trac
     from accelerate import Accelerator
 
     use_gpu = torch.cuda.is_available() and not config.cpu
-    bf16 = use_gpu and config.dtype == "auto" and torch.cuda.is_bf16_supported()
+    bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto"
+        and use_gpu
+        and config.dtype == "auto"
+        and torch.cuda.is_bf16_supported()
+    )
     return Accelerator(
         cpu=not use_gpu,
         mixed_precision="bf16" if bf16 else "no",
@@ -140,8 +145,8 @@ class Engine:
         )
         # Not passed to accelerator.prepare: its wrapper steps the schedule once per process.
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
+        # Its state goes into trainer_state.json, not accelerate's pickled custom objects.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
 
     @property
     def precomputed_groups(self) -> tuple[str, ...]:
@@ -289,6 +294,9 @@ class Engine:
         if finite:  # (under DeepSpeed the engine has already stepped inside backward)
             self.optimizer.step()
             self.scheduler.step()
+            # A finite gradient can still overflow the weights (an infinite learning rate).
+            metrics["non_finite_weights"] = not all(torch.isfinite(p).all() for p in self.trainable)
+            finite = not metrics["non_finite_weights"]
         self.optimizer.zero_grad(set_to_none=True)
         metrics["finite"] = finite
         return metrics

@@ -10,8 +10,8 @@ run from a GGUF file also ``base_model/``, which the adapter names as its base) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 import os
 import shutil
@@ -26,9 +26,19 @@ import yaml
 
 from negpref.config import config_to_dict
 from negpref.errors import NegprefError
-from negpref.io import append_jsonl, atomic_write_json, atomic_write_text, check_out_dir
+from negpref.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_dir,
+    read_jsonl_through,
+    recover_replaced,
+    replace_dir,
+    run_dir_lock,
+    stage_path,
+)
 from negpref.models import ModelSpec, ensure_pad_token, load_model, save_model
-from negpref.unlearn import checkpoint as ckpt
+from negpref.training import checkpoint as ckpt
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
     UnlearnData,
@@ -146,7 +156,7 @@ def _load_model(config, model, tokenizer, device):
     return load_model(spec, device)
 
 
-def _check_resume(out: Path, config_dict: dict) -> Path | None:
+def _check_resume(out: Path, config_dict: dict) -> ckpt.Resumable | None:
     """The checkpoint to continue from, after checking the run used the same settings."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
@@ -166,18 +176,7 @@ def _check_resume(out: Path, config_dict: dict) -> Path | None:
             f"--resume: {out} was started with other settings: {', '.join(changed)}; resume "
             "with the same settings or start a new run"
         )
-    return ckpt.latest_checkpoint(out)
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
-    """Keep the lines logged up to ``last_step`` (a resumed run redoes the later ones)."""
-    if not path.is_file():
-        path.touch()
-        return []
-    kept = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [r for r in kept if r["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+    return ckpt.resumable_checkpoint(out)
 
 
 def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool) -> float:
@@ -227,21 +226,24 @@ def _save_gguf_base(model, tokenizer, out: Path) -> Path:
     return target
 
 
-def _save_final(engine: Engine, tokenizer, out: Path, config) -> tuple[Any, dict[str, str]]:
-    """Write the final model (staged, then renamed); return the model to hand back."""
+def _save_final(
+    engine: Engine, tokenizer, out: Path, final_out: Path, config
+) -> tuple[Any, dict[str, str]]:
+    """Write the final model into ``out`` (staged, then renamed); paths are ``final_out``'s."""
     model = engine.unwrapped
     written: dict[str, str] = {}
 
     def staged(name: str, save) -> None:
-        written[f"{name}_dir"] = str(_staged(out, name, save))
+        _staged(out, name, save)
+        written[f"{name}_dir"] = str(final_out / name)
 
     is_main = engine.accelerator.is_main_process
     if config.lora:
         if is_main and config.save_model:
             if config.gguf:  # what peft's AutoPeftModel* will load as the base
-                base = (out / BASE_MODEL_DIR).resolve()
+                base = (final_out / BASE_MODEL_DIR).resolve()
                 model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
-                written["base_model_dir"] = str(out / BASE_MODEL_DIR)
+                written["base_model_dir"] = str(final_out / BASE_MODEL_DIR)
             staged("adapter", lambda d: save_model(model, tokenizer, d))
         if config.merge:
             model = model.merge_and_unload()
@@ -271,11 +273,46 @@ def run(
     if not config.out:
         raise NegprefError("--out: required (the run directory)")
     out = check_out_dir(config.out, overwrite=config.overwrite, resume=config.resume)
-    config_dict = config_to_dict(config)
-    resume_from = _check_resume(out, config_dict) if config.resume else None
+    # --overwrite builds the new run beside the old one and swaps at the end: a killed or
+    # failed run leaves the old run whole.
+    replacing = config.overwrite and out.is_dir() and any(out.iterdir())
+    work = stage_path(out) if replacing else out
     inputs = _load_inputs(config, objective, forget_records, retain_records, idk_answers)
+    accelerator = make_accelerator(config, project_dir=str(work), trackers=["tensorboard"])
+    with _locked(accelerator, out):
+        result = _train(config, objective, inputs, accelerator, work, model, tokenizer, callbacks)
+        if replacing and accelerator.is_main_process:
+            replace_dir(work, out)
+        accelerator.wait_for_everyone()
+    result.out_dir = out
+    return result
 
-    accelerator = make_accelerator(config, project_dir=str(out), trackers=["tensorboard"])
+
+@contextlib.contextmanager
+def _locked(accelerator, out: Path):
+    """The main process holds the run directory's lock; every process learns if it failed."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(run_dir_lock(out))
+                recover_replaced(out)
+            except NegprefError as e:
+                error = str(e)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise NegprefError(error)
+        yield
+
+
+def _train(config, objective, inputs, accelerator, out, model, tokenizer, callbacks):
+    """The run, in ``out`` (the run directory, or its stage when replacing an old run)."""
+    config_dict = config_to_dict(config)
+    resumable = _check_resume(out, config_dict) if config.resume else None
+    resume_from = resumable.checkpoint if resumable is not None else None
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
@@ -290,7 +327,7 @@ def run(
         config.seed,
         prompt,
     )
-    warnings = inputs.warnings
+    warnings = inputs.warnings + (resumable.skipped if resumable is not None else [])
     for group, n in data.truncated.items():
         if n:
             warnings.append(
@@ -303,8 +340,8 @@ def run(
 
     is_main = accelerator.is_main_process
     if is_main:
-        if config.overwrite and out.exists():
-            shutil.rmtree(out)
+        if out == stage_path(Path(config.out)):
+            shutil.rmtree(out, ignore_errors=True)  # a stage left by a killed --overwrite run
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     accelerator.wait_for_everyone()
@@ -320,6 +357,7 @@ def run(
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, trainable_only=engine.is_lora)
+        engine.scheduler.load_state_dict(state["scheduler"])
         if state["fingerprint"] != fingerprint:
             raise NegprefError(
                 f"--resume: the data differ from the run's (fingerprint {fingerprint} vs "
@@ -336,6 +374,7 @@ def run(
             "data_position": step * engine.effective_batch,
             "seed": config.seed,
             "fingerprint": fingerprint,
+            "scheduler": engine.scheduler.state_dict(),
         }
 
     def evaluate() -> None:
@@ -357,6 +396,7 @@ def run(
         metrics = engine.train_step(step - 1)
         seconds = time.perf_counter() - t0
         finite, tokens = metrics.pop("finite"), metrics.pop("tokens")
+        weights_finite = not metrics.pop("non_finite_weights", False)
         metrics = {
             "step": step,
             "epoch": round(engine.epoch_of(step), 6),
@@ -366,7 +406,9 @@ def run(
         }
         log.step(metrics)
         if not finite:
-            _stop_non_finite(accelerator, out, step, metrics, trainer_state, config)
+            _stop_non_finite(
+                accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
+            )
         state.step, state.epoch = step, engine.epoch_of(step)
         for cb in callbacks:
             if hasattr(cb, "on_step_end"):
@@ -377,11 +419,18 @@ def run(
         if last or _due(engine, step, config.eval_every):
             evaluate()
         if config.save_every >= 0 and (last or _due(engine, step, config.save_every)):
-            ckpt.save_checkpoint(accelerator, out, step, trainer_state(step))
+            ckpt.save_checkpoint(
+                accelerator,
+                engine.unwrapped,
+                out,
+                step,
+                trainer_state(step),
+                config.save_total_limit,
+            )
     bar.close()
     train_s = time.perf_counter() - train_start
 
-    model, written = _save_final(engine, tokenizer, out, config)
+    model, written = _save_final(engine, tokenizer, out, Path(config.out), config)
     summary = {
         "method": config.method,
         "objective": {
@@ -444,8 +493,8 @@ class _RunLog:
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
         if accelerator.is_main_process:
-            self.metrics = _truncate_jsonl(self.metrics_path, keep_through)
-            self.evals = _truncate_jsonl(self.evals_path, keep_through)
+            self.metrics = read_jsonl_through(self.metrics_path, keep_through)
+            self.evals = read_jsonl_through(self.evals_path, keep_through)
         if accelerator.log_with:
             accelerator.init_trackers("tensorboard")
 
@@ -462,19 +511,26 @@ class _RunLog:
         append_jsonl(self.evals_path, record)
 
 
-def _stop_non_finite(accelerator, out, step, metrics, trainer_state, config) -> None:
-    """Keep the weights from before the bad step as a checkpoint; stop naming the step."""
+def _stop_non_finite(
+    accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
+) -> None:
+    """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
     good = ckpt.latest_checkpoint(out)
     if (
-        config.save_every >= 0
+        weights_finite
+        and config.save_every >= 0
         and step > 1
         and (good is None or good.name != f"step-{step - 1:06d}")
-    ):
-        good = ckpt.save_checkpoint(accelerator, out, step - 1, trainer_state(step - 1))
+    ):  # the bad step was not applied: the weights in memory are step - 1's
+        good = ckpt.save_checkpoint(
+            accelerator, engine.unwrapped, out, step - 1, trainer_state(step - 1),
+            config.save_total_limit,
+        )  # fmt: skip
     where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
-    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])}
-    values = ", ".join(f"{k}={v}" for k, v in bad.items())
-    raise NegprefError(
-        f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied, "
-        f"{where}; lower --lr or check the data and model"
-    )
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+    values = ", ".join(f"{k}={metrics[k]}" for k in bad)
+    if weights_finite:
+        what = f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied"
+    else:
+        what = f"step {step} made the weights non-finite (lr={metrics['lr']:g})"
+    raise NegprefError(f"{what}, {where}; lower --lr or check the data and model")
