@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
+from conftest import rounding_bound
 from negpref.eval import metrics, mia
 
 
@@ -99,10 +100,13 @@ def test_min_k_plus_plus_by_hand():
         mu = sum(pi * li for pi, li in zip(p, lp))
         var = sum(pi * li * li for pi, li in zip(p, lp)) - mu * mu
         z.append((lp[target] - mu) / math.sqrt(var))
+    # fp32 against float64: ~16 roundings (log-softmax, two 3-term moments, sqrt, divide); the
+    # E[l^2] - mu^2 cancellation amplifies them < 2x here. Measured 2.5e-8 (was rel=1e-5)
+    rel = rounding_bound(torch.float32, 2 * 16, 1.0)
     score = mia.min_k_plus_plus_scores(token_logps, logits, mask, k=0.5)
-    assert score.item() == pytest.approx(min(z), rel=1e-5)
+    assert score.item() == pytest.approx(min(z), rel=rel)
     score = mia.min_k_plus_plus_scores(token_logps, logits, mask, k=1.0)
-    assert score.item() == pytest.approx(sum(z) / 2, rel=1e-5)
+    assert score.item() == pytest.approx(sum(z) / 2, rel=rel)
 
 
 def test_zlib_score():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rounding_bound
 from negpref import losses
 from negpref.cli import main
 from negpref.data import PromptFormat, collate, encode_qa, format_prompt
@@ -76,11 +77,14 @@ def test_batched_scores_equal_unbatched_and_hand_computation(model, tokenizer, s
     pairs = [(r["question"], a) for r in sets.retain.records for a in r["perturbed_answer"][:2]]
     batched = score_answers(model, tokenizer, pairs, batch_size=4, max_length=256)
     single = score_answers(model, tokenizer, pairs, batch_size=1, max_length=256)
-    np.testing.assert_allclose(batched.logps, single.logps, rtol=1e-5)
+    # A sum of n same-sign fp32 token log-probs is exact to n * eps relative; n <= 48 here.
+    # Measured 8.0e-8 batched vs single, 2.1e-8 vs float64 by hand (was rtol=1e-5)
+    rtol = rounding_bound(torch.float32, max(batched.n_tokens), 1.0)
+    np.testing.assert_allclose(batched.logps, single.logps, rtol=rtol)
     assert batched.n_tokens == single.n_tokens
     for i in (0, 3):
         assert batched.logps[i] == pytest.approx(
-            by_hand_logp(model, tokenizer, *pairs[i]), rel=1e-5
+            by_hand_logp(model, tokenizer, *pairs[i]), rel=rtol
         )
     # P(a|q)^(1/|a|) from the token-mean loss.
     prob = math.exp(-batched.avg_losses[0])
@@ -171,8 +175,10 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         sets.forget.records[1]["question"],
         sets.forget.records[1]["answer"],
     )
-    # The reference is the model itself: zero KL, no leakage against itself.
-    assert all(abs(v) < 1e-6 for v in logs["eval_log_forget.json"]["kl_ref"].values())
+    # The reference is the model itself: zero KL, no leakage against itself. The same forward
+    # of the same batch gives bitwise-equal logits, so every term p (l - l) is exactly 0
+    # (measured 0; was < 1e-6).
+    assert all(v == 0.0 for v in logs["eval_log_forget.json"]["kl_ref"].values())
 
 
 def test_aggregate_of_model_logs(logs):
@@ -181,7 +187,7 @@ def test_aggregate_of_model_logs(logs):
     assert 0 <= result["model_utility"] <= 1
     for kind in ("retain", "real_authors", "world_facts", "forget"):
         assert 0 < result[f"{kind}/prob"] <= 1
-    assert abs(result["forget_kl"]) < 1e-6 and abs(result["retain_kl"]) < 1e-6
+    assert result["forget_kl"] == 0.0 and result["retain_kl"] == 0.0  # means of exact zeros
     assert result["forget_perplexity"] > 1
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         auc = result[f"mia/{attack}"]
@@ -219,7 +225,10 @@ def test_forget_kl_against_another_reference(model, tokenizer, sets, forget_only
         policy = model(input_ids=batch["input_ids"]).logits[:, :-1]
         reference = ref(input_ids=batch["input_ids"]).logits[:, :-1]
     expected = losses.kl(policy, reference, batch["answer_mask"][:, 1:], direction="ref||policy")
-    assert logs["eval_log_forget.json"]["kl_ref"]["1"] == pytest.approx(expected.item(), rel=1e-4)
+    # fp32 rounding of the vocabulary-wide sum of p (log p - log q), relative to the KL:
+    # eps * V = 4.8e-5; measured 3.6e-7 (was rel=1e-4)
+    rel = rounding_bound(torch.float32, len(tokenizer), 1.0)
+    assert logs["eval_log_forget.json"]["kl_ref"]["1"] == pytest.approx(expected.item(), rel=rel)
     assert aggregate(logs)["forget_kl"] > 0
 
 

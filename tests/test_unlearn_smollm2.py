@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rounding_bound
 from negpref import losses
 from negpref.data import collate, encode_qa, load_records
 from negpref.logprobs import sequence_logps
@@ -60,8 +61,12 @@ def test_npo_unlearns_tofu_questions_from_smollm2(tmp_path):
     result = run(cfg, callbacks=[Probe(forget, retain)])
     steps = result.metrics
     assert len(steps) == 4 and result.summary["truncated"]["forget"] == 0
-    # LoRA starts as the identity: at step 1 the policy is the reference.
-    assert steps[0]["logps/forget"] == pytest.approx(steps[0]["logps/ref_forget"], abs=1e-3)
+    # LoRA starts as the identity: at step 1 the policy is the reference, up to the fp32
+    # rounding of <= 128-token same-sign sums: 3e-4 at the mean log-prob -19.6; measured 0
+    # (was abs=1e-3)
+    ref_logp = steps[0]["logps/ref_forget"]
+    atol = rounding_bound(torch.float32, 128, abs(ref_logp))
+    assert steps[0]["logps/forget"] == pytest.approx(ref_logp, abs=atol)
     assert steps[-1]["npo/weight"] < steps[0]["npo/weight"]
     before, after = result.evals[0], result.evals[-1]
     assert [e["step"] for e in result.evals] == [0, 4]

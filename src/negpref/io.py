@@ -113,29 +113,39 @@ def stage_path(out: Path) -> Path:
 def run_dir_lock(out: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on run directory ``out`` for the block, or refuse at once.
 
-    The lock is ``flock`` on a hidden file beside ``out`` (``.NAME.lock``): the kernel drops it
-    when the process ends, however it ends, so a killed run never leaves a stale lock.
+    The lock is ``flock`` on a hidden file beside ``out`` (``.NAME.lock``), removed when the
+    block ends; the kernel drops the lock when the process ends, however it ends, so a killed
+    run never leaves a stale lock (only the file, which the next run reuses).
     """
     import fcntl
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out.parent / f".{out.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise NegprefError(
+                f"--out {out}: another negpref run (pid {holder}) is using it; wait for that "
+                "run to end or choose another --out"
+            ) from None
+        try:  # the holder we waited on may have removed the file: lock the one on disk
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise NegprefError(
-            f"--out {out}: another negpref run (pid {holder}) is using it; wait for that run "
-            "to end or choose another --out"
-        ) from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still held: no other run can be using this file
         os.close(fd)
 
 

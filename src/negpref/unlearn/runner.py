@@ -284,6 +284,7 @@ def run(
         if replacing and accelerator.is_main_process:
             replace_dir(work, out)
         accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
     result.out_dir = out
     return result
 
@@ -460,7 +461,6 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
     if is_main:
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
     return UnlearnResult(model, tokenizer, out, log.metrics, log.evals, summary)
 
 
