@@ -124,8 +124,19 @@ def test_mia_auc_on_constructed_scores():
     assert math.isnan(mia.mia_auc([], [1.0]))
 
 
-def test_privleak():
-    assert mia.privleak(0.8, 0.5) == pytest.approx(0.6)
+def test_privleak_follows_muse_sign_convention():
+    # MUSE: PrivLeak = (AUC_muse(unlearned) - AUC_muse(retain)) / AUC_muse(retain) * 100, where
+    # MUSE's AUC ranks non-members first, i.e. AUC_muse = 1 - our member-positive AUC; an
+    # under-unlearned model scores strongly negative, an over-unlearned one positive.
+    members_still_known = mia.mia_auc([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])  # every member first
+    retain_model = mia.mia_auc([0.0, 2.0, 4.0], [1.0, 3.0, 5.0])  # 3 of 9 pairs ordered
+    assert (members_still_known, retain_model) == (1.0, pytest.approx(1 / 3))
+    muse_unlearned, muse_retain = 1 - members_still_known, 1 - retain_model
+    expected = (muse_unlearned - muse_retain) / muse_retain * 100
+    assert mia.privleak(members_still_known, retain_model) == pytest.approx(expected)
+    assert mia.privleak(members_still_known, retain_model) == pytest.approx(-100.0)
+    # open-unlearning's default reference (no retain model): AUC 0.5
+    assert mia.privleak(0.8, 0.5) == pytest.approx(-60.0)
+    assert mia.privleak(0.25, 0.5) == pytest.approx(50.0)  # over-unlearned: positive
     assert mia.privleak(0.5, 0.5) == 0.0
-    assert mia.privleak(0.25, 0.5) == pytest.approx(-0.5)
-    assert math.isnan(mia.privleak(0.5, 0.0))
+    assert math.isnan(mia.privleak(0.5, 1.0))  # 1 - AUC_retain = 0: undefined

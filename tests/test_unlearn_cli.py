@@ -107,6 +107,28 @@ def test_cli_run_writes_a_complete_run_directory(files, tmp_path, capsys):
     assert replay.method == "NPO+RT" and replay.c_rt == 1.0
 
 
+def test_cli_conventions_and_prompt_format_are_recorded(files, tmp_path, capsys):
+    out = tmp_path / "ou"
+    extra = ("--method", "GA+RT", "--retain", str(files["retain"]), "--no-chat-template")
+    extra += ("--conventions", "open-unlearning", "--system-prompt", "Be brief.", "--json")
+    assert main(args(files, out, *extra)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["conventions"] == "open-unlearning"
+    assert summary["prompt_format"] == {
+        "system_prompt": "Be brief.",
+        "chat_template": False,
+        "fallback_template": "Question: {question}\nAnswer:",
+        "template_used": "fallback",
+    }
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["conventions"], saved["system_prompt"], saved["chat_template"]) == (
+        "open-unlearning",
+        "Be brief.",
+        False,
+    )
+    fails(args(files, tmp_path / "bad", "--fallback-template", "Q:"), capsys, "{question}")
+
+
 def test_cli_lora_merge(files, tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(args(files, out, "--method", "GA", "--lora", "--lora-r", "2", "--merge")) == 0

@@ -8,6 +8,7 @@ with one line naming the flag: truncated weights, a tokenizer larger than the em
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -195,11 +196,39 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _as_plain_model(model):
+    """A model loaded from GGUF and dequantised on load holds ordinary tensors, but keeps the
+    GGUF quantizer that makes ``save_pretrained`` refuse it; detach it while saving, so the
+    folder loads as a plain (safetensors) model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
+    is_gguf = getattr(method, "value", method) == "gguf"
+    if not is_gguf:
+        yield model
+        return
+    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
+        raise NegprefError(
+            "the model holds packed GGUF weights, which cannot be saved; load it dequantised "
+            "(without the `kernels` package) to save it"
+        )
+    saved_config = config.__dict__.pop("quantization_config")
+    model.hf_quantizer = None
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = quantizer
+        config.quantization_config = saved_config
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` in safetensors, tokenizer beside it."""
+    """``save_pretrained`` in safetensors, tokenizer beside it (a dequantised GGUF model is
+    saved as a plain model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _as_plain_model(model) as plain:
+        plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 

@@ -64,8 +64,14 @@ def curves_png(history: History) -> bytes:
     import matplotlib.pyplot as plt
 
     panels = [*CURVES, "eval/reward"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, key in zip(axes, panels, strict=True):
+    # at most three panels a row: a page-wide figure keeps each panel ~350 px wide
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, panels, strict=False):
         rows = history.evals if key.startswith("eval/") else history.steps
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:

@@ -260,12 +260,7 @@ def base_model(config: TofuStudyConfig, cache: Path) -> tuple[Path, dict]:
 
     def convert(stage: Path) -> dict:
         model, tokenizer = load_model(ModelSpec("", str(gguf), "float32"))
-        # transformers dequantizes GGUF tensors on load but keeps the quantizer, which refuses
-        # save_pretrained; the weights are plain float32 by now.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        save_model(model, tokenizer, stage / "model")
+        save_model(model, tokenizer, stage / "model")  # dequantised: saved as a plain model
         return identity
 
     entry, _ = build_cached(cache / f"gguf-{gguf.stem}-{_digest(identity)}", convert)

@@ -7,8 +7,10 @@ import math
 from dataclasses import dataclass, field
 
 from negpref.config import require
+from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
+from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
 from negpref.errors import NegprefError
-from negpref.unlearn.objectives import FORGET_LOSSES, PRESETS, Objective, canonical_preset
+from negpref.unlearn.objectives import PRESETS, Objective, canonical_preset, forget_loss_for
 
 # Fields that may change between a run and its --resume without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
@@ -73,6 +75,9 @@ class UnlearnConfig:
     max_length: int = field(
         default=512, metadata=_help("max tokens per sequence; longer answers are truncated")
     )
+    system_prompt: str | None = prompt_field("system_prompt")
+    chat_template: bool = prompt_field("chat_template")
+    fallback_template: str = prompt_field("fallback_template")
     # --- objective ---
     method: str = field(
         default="NPO", metadata=_help("method preset: " + ", ".join(PRESETS) + " (any case)")
@@ -80,7 +85,13 @@ class UnlearnConfig:
     beta: float | None = field(
         default=None, metadata=_help("inverse temperature (preset default: 0.1; SimNPO 2.5)")
     )
-    gamma: float | None = field(default=None, metadata=_help("SimNPO margin (default 0)"))
+    gamma: float | None = field(
+        default=None,
+        metadata=_help(
+            "SimNPO margin (default 0); under --conventions open-unlearning it is their delta "
+            "(margin before beta: gamma = beta * delta)"
+        ),
+    )
     c_forget: float | None = field(
         default=None, metadata=_help("weight of the forget loss (preset default 1)")
     )
@@ -92,6 +103,15 @@ class UnlearnConfig:
     )
     c_fgkl: float | None = field(
         default=None, metadata=_help("weight of the forget KL term K_FG, subtracted (default 0)")
+    )
+    conventions: str = field(
+        default=DEFAULT,
+        metadata=_help(
+            "loss reductions: the NPO paper's, or open-unlearning's (GA / retain NLL token "
+            "mean over the batch, retain KL(ref||policy) over every position, SimNPO delta); "
+            "docs/conventions.md",
+            choices=list(CONVENTIONS),
+        ),
     )
     ref_mode: str = field(
         default="precomputed",
@@ -166,6 +186,8 @@ class UnlearnConfig:
                 f"--method: unknown preset {self.method!r}; choose one of {', '.join(PRESETS)}"
             )
         self.method = method
+        get_conventions(self.conventions)
+        self.prompt_format()  # a bad --fallback-template fails before anything loads
         for name in ("batch_size", "grad_accum", "max_length"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("limit", "eval_every"):
@@ -200,14 +222,19 @@ class UnlearnConfig:
         }
         return dataclasses.replace(self, **fill)
 
+    def prompt_format(self) -> PromptFormat:
+        return prompt_from_config(self)
+
     def objective(self) -> Objective:
         r = self.resolved()
+        conventions = get_conventions(r.conventions)
         return Objective(
-            forget_loss=FORGET_LOSSES[PRESETS[r.method].forget_loss],
+            forget_loss=forget_loss_for(PRESETS[r.method].forget_loss, conventions),
             c_forget=r.c_forget,
             c_rt=r.c_rt,
             c_rtkl=r.c_rtkl,
             c_fgkl=r.c_fgkl,
             beta=r.beta,
             gamma=r.gamma,
+            conventions=conventions,
         )

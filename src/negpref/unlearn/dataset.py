@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from negpref.data import Encoded, collate, encode_qa, encode_text, load_lines, load_records
+from negpref.data import (
+    DEFAULT_PROMPT,
+    Encoded,
+    PromptFormat,
+    collate,
+    encode_qa,
+    encode_text,
+    load_lines,
+    load_records,
+)
 from negpref.data.records import PROMPT, TEXT, Records, check_kinds, place
 from negpref.errors import NegprefError
 
@@ -84,7 +93,12 @@ def forget_weights(records: Sequence[dict]) -> torch.Tensor | None:
 
 
 def _encode_all(
-    tokenizer, records: list[dict], max_length: int, what: str, answers: list[str] | None = None
+    tokenizer,
+    records: list[dict],
+    max_length: int,
+    what: str,
+    prompt: PromptFormat,
+    answers: list[str] | None = None,
 ) -> list[Encoded]:
     encoded = []
     for i, record in enumerate(records):
@@ -93,7 +107,7 @@ def _encode_all(
                 encoded.append(encode_text(tokenizer, record["text"], max_length))
             else:
                 answer = record["answer"] if answers is None else answers[i]
-                encoded.append(encode_qa(tokenizer, record["question"], answer, max_length))
+                encoded.append(encode_qa(tokenizer, record["question"], answer, max_length, prompt))
         except NegprefError as e:
             raise NegprefError(f"{place(records, i, what)}: {e}") from None
     return encoded
@@ -188,15 +202,16 @@ def build_data(
     idk_answers: list[str] | None,
     max_length: int,
     seed: int,
+    prompt: PromptFormat = DEFAULT_PROMPT,
 ) -> UnlearnData:
-    """Encode every sequence a run may need, once."""
-    encoded_forget = _encode_all(tokenizer, forget, max_length, "forget records")
+    """Encode every sequence a run may need, once, with the questions formatted by ``prompt``."""
+    encoded_forget = _encode_all(tokenizer, forget, max_length, "forget records", prompt)
     refusal: list[Encoded] = []
     if idk_answers:
         choice = np.random.default_rng([seed, 2]).integers(len(idk_answers), size=len(forget))
         answers = [idk_answers[k] for k in choice]
-        refusal = _encode_all(tokenizer, forget, max_length, "forget records", answers)
-    encoded_retain = _encode_all(tokenizer, retain or [], max_length, "retain records")
+        refusal = _encode_all(tokenizer, forget, max_length, "forget records", prompt, answers)
+    encoded_retain = _encode_all(tokenizer, retain or [], max_length, "retain records", prompt)
     return UnlearnData(
         forget=encoded_forget,
         refusal=refusal,

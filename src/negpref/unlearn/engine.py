@@ -95,6 +95,8 @@ def split_groups(
             ("n_tokens", out.n_tokens),
             ("mask", out.mask),
             ("logits", out.logits),
+            ("all_logits", out.all_logits),
+            ("attention_mask", out.attention_mask),
         )
         if value is not None
     }
@@ -227,6 +229,7 @@ class Engine:
             for g, ref_group in ref.items():
                 step[g].ref_logps = ref_group.logps
                 step[g].ref_logits = ref_group.logits
+                step[g].ref_all_logits = ref_group.all_logits
         for g in self.precomputed_groups:
             step[g].ref_logps = micro.ref_logps[g].to(device)
         weights = micro.weights.to(device) if micro.weights is not None else None
@@ -245,7 +248,7 @@ class Engine:
             weight = losses.npo_weight(forget.logps.detach(), forget.ref_logps, self.objective.beta)
             stats["npo/weight"] = weight.mean()
         if "retain" in step:
-            stats["nll/retain"] = losses.nll(step["retain"].logps, step["retain"].n_tokens).detach()
+            stats["nll/retain"] = self.objective.retain_nll(step["retain"]).detach()
         return stats
 
     def train_step(self, step_index: int) -> dict[str, float]:

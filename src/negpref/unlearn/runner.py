@@ -3,7 +3,8 @@
 Reads top to bottom: inputs are checked before anything is written; the run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
 results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
-the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``) and
+the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``; a LoRA
+run from a GGUF file also ``base_model/``, which the adapter names as its base) and
 ``summary.json``.
 """
 
@@ -58,6 +59,7 @@ from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
 from negpref.unlearn.objectives import Objective
 
 REF_CACHE = "reference_logps.safetensors"
+BASE_MODEL_DIR = "base_model"  # a GGUF base, saved for the LoRA adapter to point at
 
 
 @dataclass
@@ -169,10 +171,12 @@ def _check_resume(out: Path, config_dict: dict) -> ckpt.Resumable | None:
             raise NegprefError(f"--resume: {out} holds no negpref run (no config.yaml)")
         return None
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    # A field added after the run started was at its default then.
+    defaults = config_to_dict(UnlearnConfig())
     changed = [
-        f"{k} ({saved.get(k)!r} -> {v!r})"
+        f"{k} ({saved.get(k, defaults[k])!r} -> {v!r})"
         for k, v in config_dict.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
     ]
     if changed:
         raise NegprefError(
@@ -206,6 +210,29 @@ def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool)
     return seconds
 
 
+def _staged(out: Path, name: str, save) -> Path:
+    """``save(folder)`` into ``out/.name.partial``, then renamed to ``out/name``."""
+    target, stage = out / name, out / f".{name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    save(stage)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(stage, target)
+    return target
+
+
+def _save_gguf_base(model, tokenizer, out: Path) -> Path:
+    """The base of a LoRA run loaded from GGUF, as a model folder (safetensors) in the run.
+
+    An adapter records its base model's path, and a GGUF file's folder is not loadable by
+    ``from_pretrained`` (no config.json); the adapter points here instead. Saved before
+    training (the base never changes under LoRA); a resumed run keeps the saved one.
+    """
+    target = out / BASE_MODEL_DIR
+    if not (target / "config.json").is_file():
+        _staged(out, BASE_MODEL_DIR, lambda d: save_model(model, tokenizer, d))
+    return target
+
+
 def _save_final(
     engine: Engine, tokenizer, out: Path, final_out: Path, config
 ) -> tuple[Any, dict[str, str]]:
@@ -214,16 +241,16 @@ def _save_final(
     written: dict[str, str] = {}
 
     def staged(name: str, save) -> None:
-        target, stage = out / name, out / f".{name}.partial"
-        shutil.rmtree(stage, ignore_errors=True)
-        save(stage)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(stage, target)
+        _staged(out, name, save)
         written[f"{name}_dir"] = str(final_out / name)
 
     is_main = engine.accelerator.is_main_process
     if config.lora:
         if is_main and config.save_model:
+            if config.gguf:  # what peft's AutoPeftModel* will load as the base
+                base = (final_out / BASE_MODEL_DIR).resolve()
+                model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
+                written["base_model_dir"] = str(final_out / BASE_MODEL_DIR)
             staged("adapter", lambda d: save_model(model, tokenizer, d))
         if config.merge:
             model = model.merge_and_unload()
@@ -303,8 +330,15 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
     if config.lora:
         check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
+    prompt = config.prompt_format()
     data: UnlearnData = build_data(
-        tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
+        tokenizer,
+        inputs.forget,
+        inputs.retain,
+        inputs.idk,
+        config.max_length,
+        config.seed,
+        prompt,
     )
     warnings = inputs.warnings + (resumable.skipped if resumable is not None else [])
     for group, n in data.truncated.items():
@@ -325,6 +359,9 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     accelerator.wait_for_everyone()
 
+    if is_main and config.lora and config.gguf and config.save_model:
+        _save_gguf_base(model, tokenizer, out)
+    accelerator.wait_for_everyone()
     engine = Engine(config, objective, model, tokenizer, data, accelerator)
     if engine.is_lora:
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
@@ -413,6 +450,8 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
             "forget_loss": objective.forget_loss.description,
             **{k: getattr(config, k) for k in ("c_forget", "c_rt", "c_rtkl", "c_fgkl", "beta")},
         },
+        "conventions": config.conventions,
+        "prompt_format": prompt.describe(tokenizer),
         "steps": engine.total_steps,
         "epochs": config.epochs,
         "effective_batch": engine.effective_batch,
