@@ -1,8 +1,26 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and the rounding bound every floating-point tolerance is derived from."""
 
 import pytest
+import torch
 
 from negpref.threads import single_threaded
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7
+FP64_EPS = torch.finfo(torch.float64).eps  # 2.22e-16
+
+
+def rounding_bound(dtype: torch.dtype, terms: int, magnitude: float) -> float:
+    """Worst-case rounding error of `terms` floating-point operations (a sum of `terms` values,
+    or a closed form of `terms` roundings) on values of size `magnitude`: eps * terms * magnitude
+    (Higham's n*u bound for recursive summation, with eps = 2u as a factor-2 margin)."""
+    return torch.finfo(dtype).eps * terms * magnitude
+
+
+def reordered_grad_atol(grads, hidden: int, tokens: int) -> float:
+    """fp32 gradients computed in another order (batching, chunking, vmap) agree to
+    eps * (terms summed) * the largest entry; the longest sum is the hidden width times the
+    tokens of a sequence."""
+    return rounding_bound(torch.float32, hidden * tokens, max(g.abs().max().item() for g in grads))
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +28,10 @@ def one_thread():
     """Tiny models: one torch thread avoids oversubscribing the 2-core machine."""
     with single_threaded():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Tests never reach a hub: a name not found locally fails as it would offline (tests of
+    online behaviour patch ``negpref.hub.offline_reason`` themselves)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import rounding_bound
 from negpref.align.generate import Sampling
 from negpref.cli import main
 from negpref.data import collate, encode_qa, pref_task
@@ -64,7 +65,9 @@ def test_reward_model_scorer_checks_the_head_and_scores_with_its_logit(files, to
     ids = tokenizer("Review the car.\nthe engine was great .", return_tensors="pt")
     with torch.no_grad():
         expected = model(**ids).logits[0, 0].item()
-    assert values[0] == pytest.approx(expected, abs=1e-5)
+    # The score is a 32-wide dot product of the unit-RMS final hidden state with the head
+    # (|w| < 1): fp32 rounding eps * 32 = 3.8e-6; measured 0 (was 1e-5)
+    assert values[0] == pytest.approx(expected, abs=rounding_bound(torch.float32, 32, 1.0))
 
 
 def test_evaluate_reward_win_rate_asr_and_perplexity(tokenizer):
@@ -83,8 +86,14 @@ def test_evaluate_reward_win_rate_asr_and_perplexity(tokenizer):
     encoded = [encode_qa(tokenizer, p, it["completion"], 64) for p, it in zip(prompts, items)]
     with torch.no_grad():
         out = sequence_logps(model, collate(encoded, tokenizer.pad_token_id))
-    expected = math.exp(-out.logps.sum().item() / out.n_tokens.sum().item())
-    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    n_tokens = out.n_tokens.sum().item()
+    mean_nll = -out.logps.sum().item() / n_tokens
+    expected = math.exp(mean_nll)
+    # exp(x) carries x's absolute error as a relative one: fp32 rounding of the n-token mean NLL,
+    # 1.6e-5 here; measured 1.6e-7 (was rel=1e-4)
+    assert result["perplexity"] == pytest.approx(
+        expected, rel=rounding_bound(torch.float32, n_tokens, mean_nll)
+    )
 
 
 def test_coherence_is_the_cosine_of_minilm_embeddings():
@@ -92,7 +101,9 @@ def test_coherence_is_the_cosine_of_minilm_embeddings():
         ["How do I bake bread?", "How do I bake bread?"],
         ["How do I bake bread?", "The stock market closed lower on Tuesday."],
     )
-    assert values[0] == pytest.approx(1.0, abs=1e-5)
+    # cosine of unit-scale 384-d MiniLM embeddings: fp32 rounding of 384-term dot products,
+    # eps * 384 = 4.6e-5; measured 6e-8 (was 1e-5, below the derived bound)
+    assert values[0] == pytest.approx(1.0, abs=rounding_bound(torch.float32, 384, 1.0))
     assert values[1] < 0.5
 
 
@@ -109,7 +120,7 @@ def test_eval_alignment_cli(files, tmp_path, capsys):
     assert result["n"] == 4 and result["win_rate"] == 0.5
     assert len((out / "alignment_items.jsonl").read_text().splitlines()) == 4
     assert main(argv) == 2
-    assert "alignment.json exists" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err
     bad = [*argv[:-3], "--reward-model", str(files / "rm2"), "--out", str(tmp_path / "ev2")]
     bad.remove("--align-reward")
     bad.remove("sentiment")

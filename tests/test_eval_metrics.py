@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
+from conftest import rounding_bound
 from negpref.eval import metrics, mia
 
 
@@ -93,15 +94,19 @@ def test_min_k_plus_plus_by_hand():
     token_logps = torch.log_softmax(logits, -1)[0, [0, 1], targets].unsqueeze(0)
     z = []
     for t, target in enumerate(targets):
-        lp = [x - math.log(sum(math.exp(y) for y in logits[0, t].tolist())) for x in logits[0, t]]
+        row = logits[0, t].tolist()
+        lp = [x - math.log(sum(math.exp(y) for y in row)) for x in row]
         p = [math.exp(x) for x in lp]
         mu = sum(pi * li for pi, li in zip(p, lp))
         var = sum(pi * li * li for pi, li in zip(p, lp)) - mu * mu
         z.append((lp[target] - mu) / math.sqrt(var))
+    # fp32 against float64: ~16 roundings (log-softmax, two 3-term moments, sqrt, divide); the
+    # E[l^2] - mu^2 cancellation amplifies them < 2x here. Measured 2.5e-8 (was rel=1e-5)
+    rel = rounding_bound(torch.float32, 2 * 16, 1.0)
     score = mia.min_k_plus_plus_scores(token_logps, logits, mask, k=0.5)
-    assert score.item() == pytest.approx(min(z), rel=1e-5)
+    assert score.item() == pytest.approx(min(z), rel=rel)
     score = mia.min_k_plus_plus_scores(token_logps, logits, mask, k=1.0)
-    assert score.item() == pytest.approx(sum(z) / 2, rel=1e-5)
+    assert score.item() == pytest.approx(sum(z) / 2, rel=rel)
 
 
 def test_zlib_score():
@@ -119,8 +124,19 @@ def test_mia_auc_on_constructed_scores():
     assert math.isnan(mia.mia_auc([], [1.0]))
 
 
-def test_privleak():
-    assert mia.privleak(0.8, 0.5) == pytest.approx(0.6)
+def test_privleak_follows_muse_sign_convention():
+    # MUSE: PrivLeak = (AUC_muse(unlearned) - AUC_muse(retain)) / AUC_muse(retain) * 100, where
+    # MUSE's AUC ranks non-members first, i.e. AUC_muse = 1 - our member-positive AUC; an
+    # under-unlearned model scores strongly negative, an over-unlearned one positive.
+    members_still_known = mia.mia_auc([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])  # every member first
+    retain_model = mia.mia_auc([0.0, 2.0, 4.0], [1.0, 3.0, 5.0])  # 3 of 9 pairs ordered
+    assert (members_still_known, retain_model) == (1.0, pytest.approx(1 / 3))
+    muse_unlearned, muse_retain = 1 - members_still_known, 1 - retain_model
+    expected = (muse_unlearned - muse_retain) / muse_retain * 100
+    assert mia.privleak(members_still_known, retain_model) == pytest.approx(expected)
+    assert mia.privleak(members_still_known, retain_model) == pytest.approx(-100.0)
+    # open-unlearning's default reference (no retain model): AUC 0.5
+    assert mia.privleak(0.8, 0.5) == pytest.approx(-60.0)
+    assert mia.privleak(0.25, 0.5) == pytest.approx(50.0)  # over-unlearned: positive
     assert mia.privleak(0.5, 0.5) == 0.0
-    assert mia.privleak(0.25, 0.5) == pytest.approx(-0.5)
-    assert math.isnan(mia.privleak(0.5, 0.0))
+    assert math.isnan(mia.privleak(0.5, 1.0))  # 1 - AUC_retain = 0: undefined

@@ -1,6 +1,7 @@
 """Evaluation with tiny random Llama models: batching, generation, TOFU logs, NaN, KL, MIA,
 the unlearning callback and the CLI end to end."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rounding_bound
 from negpref import losses
 from negpref.cli import main
-from negpref.data import collate, encode_qa
+from negpref.data import PromptFormat, collate, encode_qa, format_prompt
 from negpref.errors import NegprefError
 from negpref.eval import (
     TofuEvalCallback,
@@ -20,11 +22,14 @@ from negpref.eval import (
     aggregate,
     aggregate_eval_dir,
     evaluate_tofu,
+    load_logs,
     load_tofu_sets,
     peak_forget_quality,
 )
 from negpref.eval.generation import greedy_generate, prompt_ids
 from negpref.eval.scoring import score_answers
+from negpref.eval.tofu_logs import write_logs
+from negpref.logprobs import token_logps_from_logits
 from negpref.models import build_tokenizer, save_model, tiny_llama
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -72,11 +77,14 @@ def test_batched_scores_equal_unbatched_and_hand_computation(model, tokenizer, s
     pairs = [(r["question"], a) for r in sets.retain.records for a in r["perturbed_answer"][:2]]
     batched = score_answers(model, tokenizer, pairs, batch_size=4, max_length=256)
     single = score_answers(model, tokenizer, pairs, batch_size=1, max_length=256)
-    np.testing.assert_allclose(batched.logps, single.logps, rtol=1e-5)
+    # A sum of n same-sign fp32 token log-probs is exact to n * eps relative; n <= 48 here.
+    # Measured 8.0e-8 batched vs single, 2.1e-8 vs float64 by hand (was rtol=1e-5)
+    rtol = rounding_bound(torch.float32, max(batched.n_tokens), 1.0)
+    np.testing.assert_allclose(batched.logps, single.logps, rtol=rtol)
     assert batched.n_tokens == single.n_tokens
     for i in (0, 3):
         assert batched.logps[i] == pytest.approx(
-            by_hand_logp(model, tokenizer, *pairs[i]), rel=1e-5
+            by_hand_logp(model, tokenizer, *pairs[i]), rel=rtol
         )
     # P(a|q)^(1/|a|) from the token-mean loss.
     prob = math.exp(-batched.avg_losses[0])
@@ -115,7 +123,20 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         "eval_real_world_wo_options.json",
         "eval_log_forget.json",
         "eval_log_holdout.json",
+        "negpref_meta",
     ]
+    # How the prompts were built and which conventions scored them travel with the logs.
+    assert logs["negpref_meta"] == {
+        "prompt_format": {
+            "system_prompt": None,
+            "chat_template": True,
+            "fallback_template": "Question: {question}\nAnswer:",
+            "template_used": "fallback",  # the tiny test tokenizer has no chat template
+        },
+        "conventions": "npo",
+        "mia_k": 0.2,
+        "generation": True,
+    }
     tofu_metrics = {
         "avg_gt_loss",
         "gt_loss",
@@ -154,8 +175,10 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         sets.forget.records[1]["question"],
         sets.forget.records[1]["answer"],
     )
-    # The reference is the model itself: zero KL, no leakage against itself.
-    assert all(abs(v) < 1e-6 for v in logs["eval_log_forget.json"]["kl_ref"].values())
+    # The reference is the model itself: zero KL, no leakage against itself. The same forward
+    # of the same batch gives bitwise-equal logits, so every term p (l - l) is exactly 0
+    # (measured 0; was < 1e-6).
+    assert all(v == 0.0 for v in logs["eval_log_forget.json"]["kl_ref"].values())
 
 
 def test_aggregate_of_model_logs(logs):
@@ -164,13 +187,14 @@ def test_aggregate_of_model_logs(logs):
     assert 0 <= result["model_utility"] <= 1
     for kind in ("retain", "real_authors", "world_facts", "forget"):
         assert 0 < result[f"{kind}/prob"] <= 1
-    assert abs(result["forget_kl"]) < 1e-6 and abs(result["retain_kl"]) < 1e-6
+    assert result["forget_kl"] == 0.0 and result["retain_kl"] == 0.0  # means of exact zeros
     assert result["forget_perplexity"] > 1
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         auc = result[f"mia/{attack}"]
         assert 0 <= auc <= 1
-        # Against itself: no leakage, undefined (None) when the retain AUC is 0.
-        assert result[f"privleak/{attack}"] == (0.0 if auc > 0 else None)
+        # Against itself: no leakage, undefined (None) when the retain AUC is 1.
+        assert result[f"privleak/{attack}"] == (0.0 if auc < 1 else None)
+    assert result["privleak_reference"] == "retain logs"
 
 
 def test_privleak_against_a_retain_model_with_chance_auc(logs):
@@ -188,7 +212,8 @@ def test_privleak_against_a_retain_model_with_chance_auc(logs):
     )
     result = aggregate(logs, retain)
     assert result["mia/loss"] == auc
-    assert result["privleak/loss"] == pytest.approx((auc - 0.5) / 0.5)
+    # MUSE's PrivLeak, in percent, on 1 - AUC
+    assert result["privleak/loss"] == pytest.approx(((1 - auc) - 0.5) / 0.5 * 100)
 
 
 def test_forget_kl_against_another_reference(model, tokenizer, sets, forget_only):
@@ -200,7 +225,10 @@ def test_forget_kl_against_another_reference(model, tokenizer, sets, forget_only
         policy = model(input_ids=batch["input_ids"]).logits[:, :-1]
         reference = ref(input_ids=batch["input_ids"]).logits[:, :-1]
     expected = losses.kl(policy, reference, batch["answer_mask"][:, 1:], direction="ref||policy")
-    assert logs["eval_log_forget.json"]["kl_ref"]["1"] == pytest.approx(expected.item(), rel=1e-4)
+    # fp32 rounding of the vocabulary-wide sum of p (log p - log q), relative to the KL:
+    # eps * V = 4.8e-5; measured 3.6e-7 (was rel=1e-4)
+    rel = rounding_bound(torch.float32, len(tokenizer), 1.0)
+    assert logs["eval_log_forget.json"]["kl_ref"]["1"] == pytest.approx(expected.item(), rel=rel)
     assert aggregate(logs)["forget_kl"] > 0
 
 
@@ -339,3 +367,144 @@ def test_cli_alignment_flag_delegates(monkeypatch):
     )
     monkeypatch.setattr(eval_command, "alignment", fake)
     assert main(["eval", "--alignment", "--align-thing", "y"]) == 0 and calls == ["y"]
+
+
+# ------------------------------------------------------------- formats, prompts, conventions
+
+CHAT_TEMPLATE = (  # like SmolLM2's: a default system turn unless the messages bring one
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|system|>Default system prompt\n{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def test_prompt_format_is_settable(chat_tokenizer):
+    question = "Who wrote it?"
+    assert format_prompt(chat_tokenizer, question) == (
+        "<|system|>Default system prompt\n<|user|>Who wrote it?\n<|assistant|>"
+    )
+    own = PromptFormat(system_prompt="Answer briefly.")
+    assert format_prompt(chat_tokenizer, question, own) == (
+        "<|system|>Answer briefly.\n<|user|>Who wrote it?\n<|assistant|>"
+    )
+    plain = PromptFormat(chat_template=False)
+    assert format_prompt(chat_tokenizer, question, plain) == "Question: Who wrote it?\nAnswer:"
+    custom = PromptFormat(
+        chat_template=False, system_prompt="S.", fallback_template="Q: {question}\nA:"
+    )
+    assert format_prompt(chat_tokenizer, question, custom) == "S.\nQ: Who wrote it?\nA:"
+    assert custom.describe(chat_tokenizer)["template_used"] == "fallback"
+    with pytest.raises(NegprefError, match="--fallback-template: must contain"):
+        PromptFormat(fallback_template="Q: {q}")
+    with pytest.raises(NegprefError, match=r"only \{question\} may appear"):
+        PromptFormat(fallback_template="{question} {other}")
+
+
+def test_score_answers_and_evaluate_tofu_use_the_prompt_format(model, chat_tokenizer, forget_only):
+    pairs = [(r["question"], r["answer"]) for r in forget_only.forget.records]
+    own = PromptFormat(system_prompt="Answer briefly.")
+    default = score_answers(model, chat_tokenizer, pairs, max_length=256)
+    with_own = score_answers(model, chat_tokenizer, pairs, max_length=256, prompt=own)
+    # same answer tokens, other context: other log-probs
+    assert default.n_tokens == with_own.n_tokens and default.logps != with_own.logps
+    batch = collate([encode_qa(chat_tokenizer, *pairs[0], 256, own)], 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    token_logps, _ = token_logps_from_logits(logits, batch["input_ids"], batch["answer_mask"])
+    assert with_own.logps[0] == pytest.approx(float(token_logps.sum()), rel=1e-5)
+    logs = evaluate_tofu(model, chat_tokenizer, forget_only, prompt=own, generate=False, **OPTIONS)
+    assert logs["negpref_meta"]["prompt_format"] == {**own.describe(), "template_used": "chat"}
+    avg = logs["eval_log_forget.json"]["avg_gt_loss"]
+    assert avg[forget_only.forget.keys[0]] == pytest.approx(with_own.avg_losses[0], rel=1e-5)
+
+
+def test_no_generation_skips_rouge_and_says_what_is_missing(model, tokenizer, forget_only):
+    logs = evaluate_tofu(model, tokenizer, forget_only, generate=False, **OPTIONS)
+    forget = logs["eval_log_forget.json"]
+    assert "generated_text" not in forget and "rougeL_recall" not in forget
+    assert "truth_ratio" in forget and logs["negpref_meta"]["generation"] is False
+    result = aggregate(logs, logs)
+    assert result["forget_quality"] == 1.0  # probabilities only: still computable
+    assert result["model_utility"] is None and "forget/rougeL" not in result
+    assert "needs ROUGE-L" in result["missing"]["model_utility"]
+
+
+def test_open_unlearning_conventions_and_format_keep_mia(model, tokenizer, sets, logs, tmp_path):
+    ou_logs = evaluate_tofu(model, tokenizer, sets, conventions="open-unlearning", **OPTIONS)
+    assert ou_logs["negpref_meta"]["mia_k"] == 0.4
+    npo_forget, ou_forget = logs["eval_log_forget.json"], ou_logs["eval_log_forget.json"]
+    assert ou_forget["mia_loss"] == npo_forget["mia_loss"]  # LOSS keeps every token
+    assert ou_forget["mia_min_k"] != npo_forget["mia_min_k"]  # no EOS, k = 0.4
+    result = aggregate(ou_logs, ou_logs)
+    write_logs(tmp_path, ou_logs, result, "open-unlearning")
+    theirs = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
+    key = sets.forget.keys[0]
+    # their sign: a higher score means non-member
+    assert theirs["mia_min_k"]["forget"]["value_by_index"][key]["score"] == pytest.approx(
+        -ou_forget["mia_min_k"][key]
+    )
+    assert theirs["mia_min_k"]["agg_value"] == result["mia/min_k"]
+    back = load_logs(tmp_path / "TOFU_EVAL.json")
+    again = aggregate(back, back)
+    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+        assert again[f"mia/{attack}"] == pytest.approx(result[f"mia/{attack}"], rel=1e-12)
+    # without retain MIA scores: open-unlearning's fixed reference AUC 0.5
+    fixed = aggregate(ou_logs)
+    assert fixed["privleak_reference"] == "fixed AUC 0.5"
+    auc = fixed["mia/min_k"]
+    assert fixed["privleak/min_k"] == pytest.approx(((1 - auc) - 0.5) / 0.5 * 100)
+    assert "privleak/min_k" not in aggregate(ou_logs, privleak_ref_auc=None)
+
+
+def test_cli_open_unlearning_format_without_generation(model, tokenizer, tmp_path, capsys):
+    save_model(model, tokenizer, tmp_path / "model")
+    args = [
+        "eval",
+        "--split",
+        "forget05",
+        "--model",
+        str(tmp_path / "model"),
+        "--data-dir",
+        str(TOFU_DIR),
+        "--limit",
+        "2",
+        "--holdout",
+        str(TOFU_DIR / "forget01.json"),
+        "--no-generation",
+        "--conventions",
+        "open-unlearning",
+        "--system-prompt",
+        "Answer briefly.",
+        "--log-format",
+        "open-unlearning",
+        "--json",
+    ]
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "TOFU_EVAL.json",
+        "TOFU_SUMMARY.json",
+        "aggregate.json",
+    ]
+    config = printed["run"]["config"]
+    assert (config["conventions"], config["system_prompt"], config["generation"]) == (
+        "open-unlearning",
+        "Answer briefly.",
+        False,
+    )
+    theirs = json.loads((out / "TOFU_EVAL.json").read_text())
+    assert theirs["negpref_meta"]["prompt_format"]["system_prompt"] == "Answer briefly."
+    assert "forget_Q_A_ROUGE" not in theirs and printed["model_utility"] is None
+    # the folder is accepted as --retain-logs of a second run on the same items
+    code = main([*args, "--out", str(tmp_path / "again"), "--retain-logs", str(out)])
+    again = json.loads(capsys.readouterr().out)
+    assert code == 0 and again["forget_quality"] == 1.0
+    assert again["privleak_reference"] == "retain logs" and again["privleak/min_k"] == 0.0

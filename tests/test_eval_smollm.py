@@ -43,6 +43,10 @@ def test_tofu_eval_with_smollm2_gguf(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((out / "aggregate.json").read_text()) == printed
     logs = json.loads((out / "logs.json").read_text())
+    meta = logs.pop("negpref_meta")
+    # SmolLM2's chat template, with its own default system prompt (none was given)
+    assert meta["prompt_format"]["template_used"] == "chat"
+    assert meta["prompt_format"]["system_prompt"] is None
     assert set(logs) == {
         "eval_log.json",
         "eval_log_forget.json",

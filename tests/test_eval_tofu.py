@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import hmean, ks_2samp
 
+from conftest import rounding_bound
 from negpref.cli import main
 from negpref.errors import NegprefError
 from negpref.eval import TofuSets, aggregate, load_logs, load_tofu_sets
@@ -19,6 +21,9 @@ LOGS_DIR = SHARED / "tofu-eval-logs"
 FULL_LOGS = LOGS_DIR / "llama2-7b_full_wd0.01.json"
 RETAIN90_LOGS = LOGS_DIR / "llama2-7b_retain90_wd0.01.json"
 RETAIN95_LOGS = LOGS_DIR / "llama2-7b_retain95_wd0.01.json"
+# float64 means of <= 300 items summed in another order, plus ~20 roundings per item, relative:
+# 7.1e-14; measured 1.8e-16 (was rel=1e-12)
+AGGREGATE_REL = rounding_bound(torch.float64, 300 + 20, 1.0)
 
 
 def tofu_reference(run: dict, retain: dict) -> dict:
@@ -70,7 +75,7 @@ def test_aggregate_reproduces_tofu_on_published_llama2_logs():
     result = aggregate(run, retain)
     reference = tofu_reference(run, retain)
     for key, value in reference.items():
-        assert result[key] == pytest.approx(value, rel=1e-12), key
+        assert result[key] == pytest.approx(value, rel=AGGREGATE_REL), key
     assert result["forget_truth_ratio"] == result["forget/truth_ratio"]
     # The full model remembers the forget set: TOFU's forget quality is tiny.
     assert result["forget_quality"] < 1e-15
@@ -97,8 +102,10 @@ def test_cli_aggregate_json_matches_reference(capsys):
     )
     printed = json.loads(capsys.readouterr().out)
     reference = tofu_reference(load_logs(FULL_LOGS), load_logs(RETAIN90_LOGS))
-    assert printed["forget_quality"] == pytest.approx(reference["forget_quality"], rel=1e-12)
-    assert printed["model_utility"] == pytest.approx(reference["model_utility"], rel=1e-12)
+    assert printed["forget_quality"] == pytest.approx(
+        reference["forget_quality"], rel=AGGREGATE_REL
+    )
+    assert printed["model_utility"] == pytest.approx(reference["model_utility"], rel=AGGREGATE_REL)
     nine = [
         f"{s}/{m}"
         for s in ("retain", "real_authors", "world_facts")
@@ -210,7 +217,7 @@ def test_from_records_validates_and_subsamples():
     item = {"question": "q?", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
     sets = TofuSets.from_records(forget=[item] * 4, retain=[item] * 2, limit=3)
     assert len(sets.forget) == 3 and len(sets.retain) == 2 and sets.real_authors is None
-    with pytest.raises(NegprefError, match="forget records item 1: missing field"):
+    with pytest.raises(NegprefError, match="forget records record 2: missing field"):
         TofuSets.from_records(forget=[item, {"question": "q", "answer": "a"}], retain=[item])
     with pytest.raises(NegprefError, match="perturbed_answer"):
         TofuSets.from_records(forget=[{**item, "perturbed_answer": [1]}], retain=[item])

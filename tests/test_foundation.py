@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rounding_bound
 from negpref.config import add_config_arguments, build_config
 from negpref.data import collate, encode_qa, encode_text, load_lines, load_records
 from negpref.errors import NegprefError
@@ -38,11 +39,11 @@ def test_load_records_formats_and_errors(tmp_path, forget01):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n\n{"question": "q2", answer}\n')
-    with pytest.raises(NegprefError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(NegprefError, match=r"bad.jsonl:3:20: malformed JSON"):
         load_records(bad)
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
-    with pytest.raises(NegprefError, match=r"line 2: missing field\(s\) answer"):
+    with pytest.raises(NegprefError, match=r"missing.jsonl:2: missing field\(s\) answer"):
         load_records(missing, ("question", "answer"))
     empty = tmp_path / "empty.json"
     empty.write_text("  \n")
@@ -101,8 +102,11 @@ def test_batched_logps_equal_single_sequence_logps(tokenizer, forget01):
     with torch.no_grad():
         together = sequence_logps(model, batch)
         alone = [sequence_logps(model, collate([e], tokenizer.pad_token_id)) for e in encoded]
+    # A sum of n same-sign fp32 token log-probs is exact to n * eps relative. Measured 0
+    # batched vs alone, 9.3e-8 relative vs the float64 sum by hand (was atol=1e-4, rtol=1e-5)
+    rtol = rounding_bound(torch.float32, together.n_tokens.max().item(), 1.0)
     torch.testing.assert_close(
-        together.logps, torch.cat([a.logps for a in alone]), atol=1e-4, rtol=1e-5
+        together.logps, torch.cat([a.logps for a in alone]), atol=0, rtol=rtol
     )
     assert together.n_tokens.tolist() == [sum(e.answer_mask) for e in encoded]
     # the summed log-prob is the sum of token log-probs of the answer, computed by hand
@@ -112,7 +116,7 @@ def test_batched_logps_equal_single_sequence_logps(tokenizer, forget01):
     by_hand = sum(
         logits[t - 1, e.input_ids[t]].item() for t in range(1, len(e.input_ids)) if e.answer_mask[t]
     )
-    assert together.logps[0].item() == pytest.approx(by_hand, abs=1e-4)
+    assert together.logps[0].item() == pytest.approx(by_hand, rel=rtol)
 
 
 def test_model_directory_checks_and_round_trip(tmp_path, tokenizer):

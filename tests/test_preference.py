@@ -73,7 +73,7 @@ def test_identical_candidates_dropped_counted_and_warned(caplog):
 
 
 def test_bad_records_name_the_record_and_field():
-    with pytest.raises(NegprefError, match=r"mem record 1: `rejected` has no candidates \(K=0\)"):
+    with pytest.raises(NegprefError, match=r"mem record 2: `rejected` has no candidates \(K=0\)"):
         normalize_records(
             [
                 {"prompt": "a", "chosen": "x", "rejected": "y"},
@@ -81,7 +81,7 @@ def test_bad_records_name_the_record_and_field():
             ],
             "mem",
         )
-    with pytest.raises(NegprefError, match="mem record 0: missing field `chosen`"):
+    with pytest.raises(NegprefError, match="mem record 1: missing field `chosen`"):
         normalize_records([{"prompt": "a", "rejected": "y"}], "mem")
     with pytest.raises(NegprefError, match="one assistant message"):
         normalize_records([{"prompt": "a", "chosen": _assistant("x") * 2, "rejected": "y"}], "mem")
@@ -133,7 +133,7 @@ def test_jsonl_parquet_and_saved_dataset(tmp_path):
         ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(NegprefError, match=r"bad.jsonl:2: malformed JSON"):
+    with pytest.raises(NegprefError, match=r"bad.jsonl:2:2: malformed JSON"):
         load_preferences(bad)
     with pytest.raises(NegprefError, match="not found"):
         load_preferences(tmp_path / "missing.jsonl")

@@ -213,3 +213,41 @@ def test_u2a_ablation_command(tmp_path, capsys):
     saved = json.loads((out / "ablation.json").read_text())
     assert len(saved["gains"]) == 64 and len(saved["kinds"]) == 64
     assert {"ablation.png", "gains.png", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+def test_u2a_resumes_after_its_last_saved_round(files, tmp_path, capsys, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import negpref.u2a as u2a
+
+    assert main(_run_args(files, tmp_path / "straight")) == 0
+    real_inner = u2a.weighted_unlearn
+    calls = []
+
+    def dies_in_round_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) during round 3's unlearning
+        return real_inner(*args, **kwargs)
+
+    monkeypatch.setattr(u2a, "weighted_unlearn", dies_in_round_3)
+    out = tmp_path / "run"
+    assert main(_run_args(files, out)) == 130  # "interrupted"
+    monkeypatch.setattr(u2a, "weighted_unlearn", real_inner)
+    assert not out.exists()
+    assert main(_run_args(files, out)) == 2  # a new run does not discard the saved rounds
+    assert "--resume" in capsys.readouterr().err
+    assert main(_run_args(files, out, "--resume")) == 0
+
+    def untimed(path):
+        rows = [json.loads(x) for x in (path / "u2a_log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+    assert untimed(out) == untimed(tmp_path / "straight")  # rounds 1-2 restored, 3 redone
+    assert (out / "selected.jsonl").read_text() == (
+        tmp_path / "straight" / "selected.jsonl"
+    ).read_text()
+    a = load_file(out / "model" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

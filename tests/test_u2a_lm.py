@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reordered_grad_atol, rounding_bound
 from negpref import losses
 from negpref.data import collate, encode_qa, load_records
 from negpref.errors import NegprefError
@@ -69,7 +70,7 @@ def test_load_negatives_accepts_three_schemas(tmp_path):
     assert [g["response"] for g in got] == ["bad one", "bad two", "bad three", "bad four"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "c"}\n')
-    with pytest.raises(NegprefError, match="record 0: a negative sample needs fields"):
+    with pytest.raises(NegprefError, match=r"bad\.jsonl:1: a negative sample needs fields"):
         load_negatives(bad)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -119,8 +120,11 @@ def test_lm_per_sample_grads_vmap_equals_loop_with_lora(model, tokenizer, forget
         fast = per_sample_grads(lora, task, [4, 0, 2], vectorized=True)
         slow = per_sample_grads(lora, task, [4, 0, 2], vectorized=False)
         assert set(fast) == set(trainable(lora)) and len(fast) == 8
+        # tiny_llama is 64 wide, sequences <= 128 tokens: 5.9e-3 at gradients up to 6.0;
+        # measured 2.6e-6 (was rtol=1e-4, atol=1e-6)
+        atol = reordered_grad_atol(slow.values(), 64, 128)
         for name in fast:
-            torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(fast[name], slow[name], rtol=0, atol=atol)
     assert lora.get_base_model().config._attn_implementation == "sdpa"  # restored after vmap
 
 
@@ -136,8 +140,11 @@ def test_neg_dpo_objective_value_and_chunk_invariant_gradient(model, tokenizer, 
     j_whole, g_whole = whole.value_and_grad(model, params)
     assert j_small == pytest.approx(-torch.log(torch.tensor(2.0)).item())  # at the reference
     assert j_whole == pytest.approx(j_small)
+    # 64 wide, sequences <= 128 tokens: 2.4e-4 at gradients up to 0.25; measured 4.5e-8
+    # (was rtol=1e-4, atol=1e-7)
+    atol = reordered_grad_atol(g_whole, 64, 128)
     for a, b in zip(g_small, g_whole):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert sum(float(g.abs().sum()) for g in g_small) > 0
 
 
@@ -177,19 +184,26 @@ def test_reward_objective_score_function_gradient_is_unbiased(model, tokenizer):
             for v in range(len(tokenizer))
         ]
     ).double()
-    exact_j = 0.0
+    exact_j, reward_variance = 0.0, 0.0
     for ids in objective.prompt_ids:
         probs = model(input_ids=torch.tensor([ids])).logits[0, -1].double().softmax(-1)
-        exact_j = exact_j + (probs * vocab_rewards).sum() / len(prompts)
+        mean_reward = (probs * vocab_rewards).sum()
+        exact_j = exact_j + mean_reward / len(prompts)
+        reward_variance += float((probs * vocab_rewards**2).sum() - mean_reward**2)
     exact = torch.autograd.grad(exact_j, params, allow_unused=True)
     exact = torch.cat(
         [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, exact)]
     ).double()
     estimate = torch.cat([g.reshape(-1) for g in estimate]).double()
     cosine = float(estimate @ exact / (estimate.norm() * exact.norm()))
-    assert value == pytest.approx(exact_j.item(), abs=0.05)
-    assert cosine > 0.85
-    assert float(estimate @ exact / exact.norm() ** 2) == pytest.approx(1.0, abs=0.2)
+    # 4 standard errors of the mean of 1000 rewards per prompt, averaged over the prompts: 0.049;
+    # over seeds 0-11 the worst gap was 1.8 SE (was abs=0.05)
+    standard_error = (reward_variance / 1000) ** 0.5 / len(prompts)
+    assert value == pytest.approx(exact_j.item(), abs=4 * standard_error)
+    assert cosine > 0.85  # seeds 0-11: 0.903 to 0.934
+    # the estimate's projection on the exact gradient over seeds 0-11: mean 0.991, std 0.047,
+    # max |. - 1| 0.087; 4 std (was abs=0.2)
+    assert float(estimate @ exact / exact.norm() ** 2) == pytest.approx(1.0, abs=4 * 0.047)
     # common random numbers: the same draw on every call
     assert objective.value(model) == pytest.approx(value)
 
@@ -220,8 +234,10 @@ def test_rewards_registry_and_reward_model(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer(tmp_path / "rm")
     ids = tokenizer("Who is she?\nA writer.", return_tensors="pt")
+    # a 32-wide dot product of the unit-RMS final hidden state with the head (|w| < 1): fp32
+    # rounding eps * 32 = 3.8e-6; measured 1.5e-8 (was rel=1e-5)
     assert scorer("Who is she?", "A writer.") == pytest.approx(
-        rm(**ids).logits[0, 0].item(), rel=1e-5
+        rm(**ids).logits[0, 0].item(), abs=rounding_bound(torch.float32, 32, 1.0)
     )
     with pytest.raises(NegprefError, match="not a model directory"):
         RewardModelScorer(tmp_path)

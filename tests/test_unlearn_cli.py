@@ -14,8 +14,8 @@ from negpref.cli import main
 from negpref.config import build_config
 from negpref.data import load_lines, load_records
 from negpref.models import build_tokenizer, save_model, tiny_llama
+from negpref.training.checkpoint import latest_checkpoint, read_state
 from negpref.unlearn import FORGET_LOSSES, PRESETS, ForgetLoss, Preset, UnlearnConfig, run
-from negpref.unlearn.checkpoint import latest_checkpoint, read_state
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -107,6 +107,28 @@ def test_cli_run_writes_a_complete_run_directory(files, tmp_path, capsys):
     assert replay.method == "NPO+RT" and replay.c_rt == 1.0
 
 
+def test_cli_conventions_and_prompt_format_are_recorded(files, tmp_path, capsys):
+    out = tmp_path / "ou"
+    extra = ("--method", "GA+RT", "--retain", str(files["retain"]), "--no-chat-template")
+    extra += ("--conventions", "open-unlearning", "--system-prompt", "Be brief.", "--json")
+    assert main(args(files, out, *extra)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["conventions"] == "open-unlearning"
+    assert summary["prompt_format"] == {
+        "system_prompt": "Be brief.",
+        "chat_template": False,
+        "fallback_template": "Question: {question}\nAnswer:",
+        "template_used": "fallback",
+    }
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["conventions"], saved["system_prompt"], saved["chat_template"]) == (
+        "open-unlearning",
+        "Be brief.",
+        False,
+    )
+    fails(args(files, tmp_path / "bad", "--fallback-template", "Q:"), capsys, "{question}")
+
+
 def test_cli_lora_merge(files, tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(args(files, out, "--method", "GA", "--lora", "--lora-r", "2", "--merge")) == 0
@@ -129,10 +151,14 @@ def test_bad_data_files(files, tmp_path, capsys):
     fails(args(files, out, "--forget", str(broken)), capsys, "broken.jsonl:2", "malformed")
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
-    fails(args(files, out, "--forget", str(no_answer)), capsys, "line 2", "answer")
+    fails(args(files, out, "--forget", str(no_answer)), capsys, "no_answer.jsonl:2", "answer")
     fails(args(files, out, "--method", "DPO"), capsys, "--idk")
     fails(args(files, out, "--method", "NPO+RT"), capsys, "--retain")
-    fails(args(files, out, "--method", "NPO+RT", "--retain", str(no_answer)), capsys, "line 2")
+    fails(
+        args(files, out, "--method", "NPO+RT", "--retain", str(no_answer)),
+        capsys,
+        "no_answer.jsonl:2",
+    )
     assert not out.exists()  # nothing written for input errors
 
 

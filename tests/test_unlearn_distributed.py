@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # as each launched process (OMP_NUM_THREADS=1)
 def test_two_processes_match_one(tmp_path):
     forget = load_records(TOFU / "forget01.json")[:8]
     retain = load_records(TOFU / "retain90.json")[:8]
@@ -69,10 +70,14 @@ def test_two_processes_match_one(tmp_path):
     assert len(summaries) == 1 and summaries[0]["processes"] == 2  # reported once
     two = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(single.metrics) == 4
+    # The same arithmetic either way, so bitwise equal: every micro-batch runs with the same
+    # shapes on one thread, the 1/grad_accum and 1/world-size scalings are exact halvings and
+    # a sum of two gradients is the same in either order. Measured: 0 difference over the 24
+    # metrics and 20 weight tensors (was rel=1e-5, abs=1e-6).
     for a, b in zip(single.metrics, two, strict=True):
         for key in ("loss", "loss/forget", "nll/retain", "npo/weight", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+            assert b[key] == a[key], (a["step"], key)
     weights = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for name, value in single.model.state_dict().items():
         if name in weights:
-            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(weights[name], value, rtol=0, atol=0)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from negpref.data import load_records
 from negpref.models import build_tokenizer, save_model, tiny_llama
+from negpref.training.checkpoint import latest_checkpoint
 from negpref.unlearn import UnlearnConfig, run
-from negpref.unlearn.checkpoint import latest_checkpoint
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 

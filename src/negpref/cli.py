@@ -13,7 +13,7 @@ import sys
 
 from negpref.errors import NegprefError
 
-VERBS = ("demo", "unlearn", "eval", "align", "u2a", "synthetic", "bench")
+VERBS = ("demo", "unlearn", "eval", "align", "u2a", "synthetic", "bench", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,17 @@ Each verb has one config dataclass with documented fields (``metadata={"help": .
 manner of TRL's ``*Config`` classes. Values come from the dataclass defaults, then a YAML file
 (``--config``), then explicit flags, later ones winning. Every field is a flag
 (``--field-name``); ``validate()`` on the dataclass, when present, names the bad field.
+
+Rules for every config: floats are finite (``inf``/``nan`` are refused, a field that means
+"no limit" says so with 0), and seeds (fields ``seed``, ``*_seed``, ``seeds``) are >= 0, since
+numpy's generators refuse negative seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -91,6 +96,48 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
     raise NegprefError(f"{source}: field '{name}' must be {want}, got {value!r}")
 
 
+def _is_seed(name: str) -> bool:
+    base = name.removesuffix("[]")
+    return base in ("seed", "seeds") or base.endswith("_seed")
+
+
+def _check_value(name: str, value: Any, source: str) -> Any:
+    """The rules every config shares (module docstring)."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise NegprefError(f"{source}: field '{name}' must be a finite number, got {v!r}")
+        if _is_seed(name) and isinstance(v, int) and v < 0:
+            raise NegprefError(f"{source}: field '{name}' is a seed and must be >= 0, got {v!r}")
+    return value
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; every way it can be unreadable is one line naming the file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise NegprefError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise NegprefError(f"--config {path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise NegprefError(
+            f"--config {path}: not UTF-8 text (byte {e.start}); save the file as UTF-8"
+        ) from None
+    except OSError as e:
+        raise NegprefError(f"--config {path}: cannot read ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(e.problem or e.context or "syntax error").split())
+        raise NegprefError(f"--config {where}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as e:
+        raise NegprefError(
+            f"--config {path}: not valid YAML ({' '.join(str(e).split())})"
+        ) from None
+
+
 def build_config(cls: type, args: argparse.Namespace | None = None, **overrides: Any):
     """Build ``cls`` from defaults, ``args.config`` (YAML), flags in ``args``, then overrides."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -99,12 +146,7 @@ def build_config(cls: type, args: argparse.Namespace | None = None, **overrides:
     config_path = getattr(args, "config", None) if args is not None else None
     if config_path is not None:
         source = str(config_path)
-        try:
-            loaded = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise NegprefError(f"--config {config_path}: file not found") from None
-        except yaml.YAMLError as e:
-            raise NegprefError(f"--config {config_path}: not valid YAML ({e})") from None
+        loaded = _read_yaml(Path(config_path)) or {}
         if not isinstance(loaded, dict):
             raise NegprefError(f"--config {config_path}: expected a mapping of field: value")
         for key, value in loaded.items():
@@ -113,11 +155,14 @@ def build_config(cls: type, args: argparse.Namespace | None = None, **overrides:
                 raise NegprefError(
                     f"{source}: unknown field '{key}'; known fields: {', '.join(sorted(names))}"
                 )
-            values[key] = _coerce(key, value, hints[key], source)
+            values[key] = _check_value(key, _coerce(key, value, hints[key], source), source)
     if args is not None:
         for key in names:
             if key in vars(args):
-                values[key] = _coerce(key, getattr(args, key), hints[key], _flag(key))
+                flag = _flag(key)
+                values[key] = _check_value(
+                    key, _coerce(key, getattr(args, key), hints[key], flag), flag
+                )
     values.update(overrides)
     config = cls(**values)
     validate = getattr(config, "validate", None)

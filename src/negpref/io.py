@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,33 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.flush()
 
 
+def read_jsonl_through(path: Path, last_step: int) -> list[dict]:
+    """Keep the lines of a run log up to ``last_step``: a resumed run redoes the later ones.
+
+    A torn last line (the run died mid-write) is dropped; a bad line before it is an error.
+    """
+    if not path.is_file():
+        path.touch()
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            kept.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                print(f"negpref: {path}:{number}: dropping a torn last line", file=sys.stderr)
+                continue
+            raise NegprefError(
+                f"--resume: {path}:{number}: not a JSON line; repair or delete the line"
+            ) from None
+    kept = [r for r in kept if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
 def check_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
     """Validate an output directory before any work starts; return it as a Path.
 
@@ -76,22 +104,137 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: bool 
     return out
 
 
+def stage_path(out: Path) -> Path:
+    """Where a run that replaces ``out`` at the end builds it: a hidden sibling, one per ``out``."""
+    return out.parent / f".{out.name}.partial"
+
+
 @contextlib.contextmanager
-def staged_out_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def run_dir_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on run directory ``out`` for the block, or refuse at once.
+
+    The lock is ``flock`` on a hidden file beside ``out`` (``.NAME.lock``), removed when the
+    block ends; the kernel drops the lock when the process ends, however it ends, so a killed
+    run never leaves a stale lock (only the file, which the next run reuses).
+    """
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise NegprefError(
+                f"--out {out}: another negpref run (pid {holder}) is using it; wait for that "
+                "run to end or choose another --out"
+            ) from None
+        try:  # the holder we waited on may have removed the file: lock the one on disk
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still held: no other run can be using this file
+        os.close(fd)
+
+
+def _old_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
+
+
+def replace_dir(stage: Path, out: Path) -> None:
+    """Move ``stage`` to ``out``, replacing what is there; the old run survives until then."""
+    old = _old_path(out)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(out: Path) -> None:
+    """Undo a ``replace_dir`` killed between its two renames: the old run goes back."""
+    old = _old_path(out)
+    if old.is_dir() and not out.exists():
+        os.replace(old, out)
+
+
+def _has_checkpoints(stage: Path) -> bool:
+    saved = stage / "checkpoints"
+    return saved.is_dir() and any(saved.iterdir())
+
+
+@contextlib.contextmanager
+def staged_out_dir(
+    out: str | os.PathLike, overwrite: bool = False, resume: bool = False
+) -> Iterator[Path]:
     """Yield a staging directory that becomes ``out`` only if the block succeeds.
 
-    For jobs that produce all their files at the end: a failure or a kill leaves ``out``
-    untouched (an old run stays, or nothing appears), never half-written.
+    For jobs that produce their files at the end: a failure or a kill leaves ``out`` untouched
+    (an old run stays, or nothing appears), never half-written. ``out`` is locked for the
+    block. A stage that holds checkpoints is kept on failure and continued by ``resume``; a new
+    run refuses to discard it unless ``overwrite``.
     """
-    out = check_out_dir(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    os.chmod(stage, 0o777 & ~_umask())
-    try:
-        yield stage
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
+    out = check_out_dir(out, overwrite=overwrite, resume=resume)
+    with run_dir_lock(out):
+        recover_replaced(out)
+        stage = stage_path(out)
+        if stage.exists() and not resume:
+            if _has_checkpoints(stage) and not overwrite:
+                raise NegprefError(
+                    f"--out {out}: an unfinished run is in {stage}; pass --resume to continue "
+                    "it or --overwrite to discard it"
+                )
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True, exist_ok=True)
+        os.chmod(stage, 0o777 & ~_umask())
+        try:
+            yield stage
+        except BaseException:
+            if not _has_checkpoints(stage):
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
+        replace_dir(stage, out)
+
+
+CACHE_ENV = "NEGPREF_CACHE_DIR"
+CACHE_MARKER = "negpref_cache.json"
+
+
+def default_cache_dir() -> Path:
+    """Where built models are cached: ``$NEGPREF_CACHE_DIR`` or ``~/.cache/negpref``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "negpref"
+
+
+def build_cached(entry: Path, build) -> tuple[Path, bool]:
+    """``entry`` if complete, else ``build(stage) -> info`` into a stage renamed to ``entry``.
+
+    ``info`` (JSON) is written last as ``negpref_cache.json``: an entry without it was never
+    finished and is rebuilt. While one process builds an entry, another is refused (locked).
+    """
+    with run_dir_lock(entry):
+        if (entry / CACHE_MARKER).is_file():
+            return entry, True
+        stage = stage_path(entry)
         shutil.rmtree(stage, ignore_errors=True)
-        raise
+        stage.mkdir(parents=True)
+        try:
+            info = build(stage)
+            atomic_write_json(stage / CACHE_MARKER, info)
+            replace_dir(stage, entry)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return entry, False

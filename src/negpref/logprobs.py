@@ -19,6 +19,9 @@ class SequenceLogps:
     token_logps: torch.Tensor  # [batch, tokens-1] per-token log-probs (0 off the answer)
     mask: torch.Tensor  # [batch, tokens-1] answer mask aligned with token_logps / logits
     logits: torch.Tensor | None = None  # [batch, tokens-1, vocab] when asked for (KL terms)
+    # [batch, tokens, vocab], unshifted (``logits`` is a view of it); with keep_logits
+    all_logits: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # [batch, tokens] of the batch
 
 
 def token_logps_from_logits(
@@ -47,4 +50,6 @@ def sequence_logps(
         token_logps=token_logps,
         mask=mask,
         logits=out.logits[:, :-1] if keep_logits else None,
+        all_logits=out.logits if keep_logits else None,
+        attention_mask=batch["attention_mask"],
     )

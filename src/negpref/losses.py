@@ -8,6 +8,10 @@ batches go through this single reduction.
 
 Sign conventions follow the NPO paper: every function is a quantity to *minimise*.
 ``ga`` returns ``E[log pi(y|x)]``, so minimising it ascends the forget-set NLL.
+
+open-unlearning reduces some terms differently (``docs/conventions.md``); those variants are
+the ``*_token_mean`` functions, ``kl_all_positions`` and ``simnpo_delta`` below, and
+``negpref.conventions`` selects between them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import torch.nn.functional as F
 __all__ = [
     "dpo",
     "ga",
+    "ga_token_mean",
     "kl",
+    "kl_all_positions",
     "kto",
     "nll",
+    "nll_token_mean",
     "npo",
     "npo_weight",
     "reduce",
     "simnpo",
+    "simnpo_delta",
+    "token_mean",
 ]
 
 
@@ -52,6 +61,26 @@ def reduce(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.T
     return (weights * values).sum() / total
 
 
+def token_mean(
+    values: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum(w*v) / sum(w*n)``: per-sequence sums ``values`` pooled into one mean per token.
+
+    Without weights this is the mean over every answer token of the batch (what a causal LM's
+    ``outputs.loss`` averages), so long answers weigh more than in :func:`reduce`.
+    """
+    if values.ndim != 1 or n_tokens.shape != values.shape:
+        raise ValueError(
+            f"values and n_tokens must be 1-D of one shape, got {tuple(values.shape)} and "
+            f"{tuple(n_tokens.shape)}"
+        )
+    counts = n_tokens.to(values.dtype)
+    if weights is not None:
+        # reduce() checks the weights; the ratio of two weighted means is the weighted ratio
+        return reduce(values, weights) / reduce(counts, weights)
+    return values.sum() / counts.sum().clamp(min=1)
+
+
 def _check_beta(beta: float) -> None:
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
@@ -60,6 +89,14 @@ def _check_beta(beta: float) -> None:
 def ga(policy_logps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient ascent: ``E[log pi(y|x)]``. Unbounded below; minimising it diverges."""
     return reduce(policy_logps, weights)
+
+
+def ga_token_mean(
+    policy_logps: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient ascent as open-unlearning's ``GradAscent``: the answer-token mean log-prob of
+    the batch (``-outputs.loss``), not the mean of per-sequence sums."""
+    return token_mean(policy_logps, n_tokens, weights)
 
 
 def npo(
@@ -98,6 +135,18 @@ def simnpo(
     _check_beta(beta)
     mean_logps = policy_logps / lengths.to(policy_logps.dtype).clamp(min=1)
     return reduce(-(2.0 / beta) * F.logsigmoid(-beta * mean_logps - gamma), weights)
+
+
+def simnpo_delta(
+    policy_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    beta: float = 2.5,
+    delta: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SimNPO as open-unlearning writes it, ``-(2/beta) log sigmoid(beta * (nll_mean - delta))``:
+    the margin is taken before the temperature, i.e. :func:`simnpo` with ``gamma = beta*delta``."""
+    return simnpo(policy_logps, lengths, beta, beta * delta, weights)
 
 
 def dpo(
@@ -140,6 +189,14 @@ def nll(
     return reduce(-policy_logps / lengths.to(policy_logps.dtype).clamp(min=1), weights)
 
 
+def nll_token_mean(
+    policy_logps: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Negative log-likelihood per answer token of the whole batch (open-unlearning's retain
+    NLL, ``outputs.loss``), instead of the mean of per-sequence token means of :func:`nll`."""
+    return -token_mean(policy_logps, lengths, weights)
+
+
 def kl(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -174,3 +231,22 @@ def kl(
     mask = mask.to(token_kl.dtype)
     per_seq = (token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return reduce(per_seq.to(policy_logits.dtype), weights)
+
+
+def kl_all_positions(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(pi_ref || pi_theta)`` averaged over every position of ``[batch, tokens, vocab]``.
+
+    open-unlearning's ``compute_kl_divergence``: ``kl_div(..., reduction="batchmean")`` on the
+    logits flattened to ``[batch*tokens, vocab]``, so prompt, padding and the last position
+    (which predicts nothing) all count. Pass the logits of the group's own padded width.
+    """
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}"
+        )
+    wide = torch.promote_types(policy_logits.dtype, torch.float32)
+    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
+    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
+    token_kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
+    return token_kl.mean().to(policy_logits.dtype)

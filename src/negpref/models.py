@@ -1,12 +1,14 @@
 """Load and save models and tokenizers: local HF directories, hub ids (opt-in), GGUF files.
 
 Safe by default: only safetensors weights load unless ``allow_pickle``; ``trust_remote_code``
-is off unless asked; a name that is not a local path reaches the hub only when the user is
-online and has not set ``HF_HUB_OFFLINE``.
+is off unless asked; a name that is not a local path reaches the hub only when it looks like
+a hub id and the hub answers (``negpref.hub``), so a path typo fails at once. Bad files fail
+with one line naming the flag: truncated weights, a tokenizer larger than the embedding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from negpref.data.records import one_line
 from negpref.errors import NegprefError
+from negpref.hub import local_or_hub
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +61,55 @@ def _check_local_dir(path: Path, allow_pickle: bool) -> None:
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((path / f).is_file() for f in tokenizer_files):
         raise NegprefError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header: an empty, truncated or foreign file fails here, naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise NegprefError(
+            f"{path}: not a complete safetensors file ({one_line(e)}); download or save the "
+            "model again"
+        ) from None
+
+
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the embedding matrix;
+    ``where`` names the model in the error (``--model DIR``)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise NegprefError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+            f"{rows} rows, so ids >= {rows} would crash the forward; use the "
+            "tokenizer saved with this model (or resize the embeddings and save it again)"
+        )
+
+
+def check_lora_targets(model, targets: list[str], flag: str) -> None:
+    """Each LoRA target must name modules of ``model`` (peft matches the end of a name)."""
+    if list(targets) == ["all-linear"]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise NegprefError(
+            f"{flag}: {', '.join(unknown)} name(s) no module of the model; its linear layers are "
+            f"{', '.join(linear)} (or give all-linear)"
+        )
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -65,6 +118,24 @@ def ensure_pad_token(tokenizer) -> None:
         if tokenizer.eos_token is None:
             raise NegprefError("tokenizer has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _named(spec: ModelSpec) -> str:
+    """The flag and file a model came from, for errors: ``--gguf F`` or ``--model DIR``."""
+    return f"--gguf {spec.gguf}" if spec.gguf else f"--model {spec.path}"
+
+
+def _load_error(spec: ModelSpec, error: Exception) -> NegprefError:
+    """One line naming the flag of the file that failed, with all of the library's message."""
+    text = one_line(error)
+    if "trust_remote_code" in str(error):
+        return NegprefError(
+            f"{_named(spec)}: the model needs code shipped with it, which negpref does not run "
+            "by default; pass --trust-remote-code only if you trust its source"
+        )
+    if spec.gguf:
+        return NegprefError(f"{_named(spec)}: not a complete, readable GGUF file ({text})")
+    return NegprefError(f"{_named(spec)}: could not load ({text})")
 
 
 def _gguf_location(spec: ModelSpec) -> tuple[Path, str]:
@@ -92,6 +163,7 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     """Return ``(model, tokenizer)`` in eval mode on ``device``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(spec.dtype, device)
@@ -105,11 +177,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
         kwargs["use_safetensors"] = None if spec.allow_pickle else True
         source = str(path)
     else:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise NegprefError(
-                f"--model {spec.path}: no such local directory, and HF_HUB_OFFLINE=1 forbids "
-                "fetching it from the hub"
-            )
+        local_or_hub(spec.path, "--model", "directory")
         kwargs["use_safetensors"] = None if spec.allow_pickle else True
         source = spec.path
     try:
@@ -117,8 +185,10 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
         tokenizer = load_tokenizer(spec)
     except NegprefError:
         raise
-    except (OSError, ValueError) as e:
-        raise NegprefError(f"--model {spec.path}: could not load ({str(e).splitlines()[0]})") from e
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        # the errors transformers, safetensors and gguf raise for a bad or incomplete file
+        raise _load_error(spec, e) from e
+    check_vocabulary(model, tokenizer, _named(spec))
     model.to(device)
     model.eval()
     if model.config.pad_token_id is None:
@@ -126,11 +196,39 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _as_plain_model(model):
+    """A model loaded from GGUF and dequantised on load holds ordinary tensors, but keeps the
+    GGUF quantizer that makes ``save_pretrained`` refuse it; detach it while saving, so the
+    folder loads as a plain (safetensors) model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
+    is_gguf = getattr(method, "value", method) == "gguf"
+    if not is_gguf:
+        yield model
+        return
+    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
+        raise NegprefError(
+            "the model holds packed GGUF weights, which cannot be saved; load it dequantised "
+            "(without the `kernels` package) to save it"
+        )
+    saved_config = config.__dict__.pop("quantization_config")
+    model.hf_quantizer = None
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = quantizer
+        config.quantization_config = saved_config
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` in safetensors, tokenizer beside it."""
+    """``save_pretrained`` in safetensors, tokenizer beside it (a dequantised GGUF model is
+    saved as a plain model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _as_plain_model(model) as plain:
+        plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 

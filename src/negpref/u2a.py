@@ -21,17 +21,21 @@ LoRA language model with a DPO- or reward-based ``J`` (``negpref.u2a_objectives`
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from negpref.config import require
 from negpref.errors import NegprefError
+from negpref.io import atomic_write_json
 from negpref.u2a_implicit import (
     Grads,
     U2AWarning,
@@ -344,14 +348,54 @@ def _grow(weights: torch.Tensor, added: int) -> torch.Tensor:
     return torch.cat([weights * (len(weights) / size), new])
 
 
+_ROUND_TENSORS, _ROUND_STATE = "round.safetensors", "round.json"
+
+
+def _save_round(state_dir: Path, params, theta0, grad_j, state: dict) -> None:
+    """The accepted round's tensors, then its JSON (written last: it marks the round saved)."""
+    from safetensors.torch import save_file
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, values in (("param", params), ("theta0", theta0), ("grad_j", grad_j)):
+        tensors.update({f"{name}.{i}": v.detach().contiguous() for i, v in enumerate(values)})
+    tmp = state_dir / f".{_ROUND_TENSORS}.tmp"
+    save_file(tensors, str(tmp), metadata={"round": str(state["round"])})
+    os.replace(tmp, state_dir / _ROUND_TENSORS)
+    atomic_write_json(state_dir / _ROUND_STATE, state)
+
+
+def _load_round(state_dir: Path) -> tuple[dict, dict] | None:
+    """The saved round (tensors, state), or None; a torn or mismatched pair is an error."""
+    from safetensors import safe_open
+
+    if not (state_dir / _ROUND_STATE).is_file():
+        return None
+    try:
+        state = json.loads((state_dir / _ROUND_STATE).read_text(encoding="utf-8"))
+        with safe_open(str(state_dir / _ROUND_TENSORS), framework="pt") as f:
+            if f.metadata().get("round") != str(state["round"]):
+                raise ValueError("tensors and state are of different rounds")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # torn, truncated or foreign files: never resume from them
+        raise NegprefError(
+            f"--resume: the saved U2A round in {state_dir} is unreadable ({e}); start a new run"
+        ) from None
+    return tensors, state
+
+
 def run_u2a(
     model,
     task: ForgetTask,
     objective: AlignmentObjective,
     cfg: U2AConfig,
     on_round: Callable[[dict], None] | None = None,
+    state_dir: Path | None = None,
 ) -> U2AResult:
     """Algorithm 1. ``model`` is unlearned in place and left at the returned state.
+
+    With ``state_dir`` every accepted round is saved there (safetensors + JSON) and a run
+    whose ``state_dir`` holds a saved round continues after it, as if never stopped.
 
     Round ``t``: marginal gains at ``theta_{t-1}`` -> top-M (t = 1, uniform weights) or top-N
     new samples -> mirror descent on the support with ``theta`` fixed -> inner unlearning from
@@ -394,7 +438,24 @@ def run_u2a(
     accepted: _Accepted | None = None
     initial_gains: torch.Tensor | None = None
     stop_reason = "max rounds"
-    for round_index in range(1, cfg.rounds + 1):
+    first_round = 1
+    saved = _load_round(state_dir) if state_dir is not None else None
+    if saved is not None:
+        tensors, state = saved
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[f"param.{i}"])
+        theta0 = [tensors[f"theta0.{i}"] for i in range(len(params))]
+        grad_j = [tensors[f"grad_j.{i}"] for i in range(len(params))]
+        support, weights = state["support"], torch.tensor(state["weights"], dtype=torch.float64)
+        initial_gains = torch.tensor(state["initial_gains"], dtype=torch.float64)
+        objective_value, g_value, log = state["objective"], state["g"], state["log"]
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        accepted = _Accepted(
+            list(support), weights.clone(), [p.detach().clone() for p in params], objective_value
+        )
+        first_round = state["round"] + 1
+    for round_index in range(first_round, cfg.rounds + 1):
         if len(support) == n:
             stop_reason = "all candidates selected"
             break
@@ -454,6 +515,12 @@ def run_u2a(
         accepted = _Accepted(
             list(support), weights.clone(), [p.detach().clone() for p in params], objective_value
         )
+        if state_dir is not None:
+            _save_round(state_dir, params, theta0, grad_j, {
+                "round": round_index, "support": support, "weights": weights.tolist(),
+                "initial_gains": initial_gains.tolist(), "objective": objective_value,
+                "g": g_value, "log": log, "generator": generator.get_state().tolist(),
+            })  # fmt: skip
     return U2AResult(
         selected=list(support),
         weights=weights.tolist(),

@@ -22,6 +22,7 @@ import torch
 
 from negpref import losses
 from negpref.data import Encoded, collate, encode_qa, format_prompt, load_records
+from negpref.data.records import PROMPT, check_kinds, place
 from negpref.errors import NegprefError
 from negpref.logprobs import sequence_logps
 from negpref.u2a import Grads, grads_of
@@ -36,7 +37,10 @@ def _text(value, where: str) -> str:
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         value = value[-1].get("content")
     if not isinstance(value, str) or not value:
-        raise NegprefError(f"{where}: expected a non-empty string or chat message list")
+        raise NegprefError(
+            f"{where} must be a non-empty string or chat message list, got "
+            f"{type(value).__name__}; fix the record"
+        )
     return value
 
 
@@ -47,21 +51,23 @@ def _completion(value, where: str) -> str:
     return _text(value, where)
 
 
-def load_negatives(path: str | os.PathLike) -> list[dict]:
+def load_negatives(source, max_length: int | None = None) -> list[dict]:
     """Negative samples as ``{"id", "prompt", "response"}``.
 
     Accepts ``prompt``/``response``, TOFU's ``question``/``answer`` and preference-style
     ``prompt``/``rejected``; a list-valued ``rejected`` (MC-PO candidates) gives one negative
     per candidate, with ids ``ID/0``, ``ID/1``, ...
     """
-    records = load_records(path, what="negative samples")
+    records = load_records(source, what="negative samples", max_length=max_length)
     out = []
     for i, record in enumerate(records):
+        where = records.where(i)
         schema = next((s for s in NEGATIVE_SCHEMAS if all(record.get(k) for k in s)), None)
         if schema is None:
             names = " or ".join("/".join(s) for s in NEGATIVE_SCHEMAS)
-            raise NegprefError(f"{path} record {i}: a negative sample needs fields {names}")
+            raise NegprefError(f"{where}: a negative sample needs fields {names}")
         prompt_field, response_field = schema
+        check_kinds(records[i : i + 1], {prompt_field: PROMPT}, str(source))
         rid = str(record.get("id", i))
         responses = record[response_field]
         many = isinstance(responses, list) and not isinstance(responses[0], dict)
@@ -70,7 +76,7 @@ def load_negatives(path: str | os.PathLike) -> list[dict]:
                 {
                     "id": f"{rid}/{j}" if many else rid,
                     "prompt": record[prompt_field],
-                    "response": _text(response, f"{path} record {i} field {response_field}"),
+                    "response": _text(response, f"{where}: field `{response_field}`"),
                 }
             )
     return out
@@ -186,7 +192,7 @@ class NegDPOObjective:
             _encode_all(
                 tokenizer,
                 [
-                    (p["prompt"], _completion(p[key], f"record {i} field {key}"))
+                    (p["prompt"], _completion(p[key], f"{place(pairs, i, 'pairs')}: field `{key}`"))
                     for i, p in enumerate(pairs)
                 ],
                 max_length,

@@ -43,7 +43,7 @@ def encode_items(
             chosen = encode_qa(tokenizer, r.prompt, r.chosen, max_length)
             candidates = [encode_qa(tokenizer, r.prompt, c, max_length) for c in r.rejected]
         except NegprefError as e:
-            raise NegprefError(f"{source} record {i}: {e}") from None
+            raise NegprefError(f"{r.where or f'{source} record {i + 1}'}: {e}") from None
         truncated += chosen.truncated + sum(c.truncated for c in candidates)
         items.append(EncodedItem(r, chosen, candidates))
     if truncated:

@@ -28,6 +28,7 @@ from negpref.data import collate, encode_qa, pref_task
 from negpref.data.preference import normalize_records
 from negpref.logprobs import sequence_logps
 from negpref.models import tiny_llama
+from negpref.report.style import curve_style
 
 VARIANTS: dict[str, dict] = {
     "dpo": {"method": "dpo"},
@@ -219,11 +220,11 @@ def plot(per_seed: dict[int, dict]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     names = next(iter(per_seed.values()))["variants"]
-    for name in names:
+    for i, name in enumerate(names):
         curves = torch.tensor([r["variants"][name]["reward"] for r in per_seed.values()])
         steps = next(iter(per_seed.values()))["variants"][name]["steps"]
         mean, std = curves.mean(0), curves.std(0) if len(curves) > 1 else torch.zeros(len(steps))
-        ax.plot(steps, mean, label=name)
+        ax.plot(steps, mean, label=name, **curve_style(i, len(steps)))
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("reward of sampled completions")

@@ -38,6 +38,14 @@ class AlignConfig:
     max_length: int = field(default=512, metadata=_f("max tokens of prompt + completion"))
     out: str = field(default="", metadata=_f("run directory (model, metrics.jsonl, report)"))
     overwrite: bool = field(default=False, metadata=_f("replace an existing --out directory"))
+    resume: bool = field(
+        default=False, metadata=_f("continue a killed run of the same --out from its checkpoint")
+    )
+    save_every: int = field(
+        default=0,
+        metadata=_f("checkpoint every N optimizer steps (0: each epoch end, -1: never)"),
+    )
+    save_total_limit: int = field(default=2, metadata=_f("checkpoints kept (newest first)"))
     # method
     method: str = field(
         default="dpo",
@@ -177,6 +185,14 @@ class AlignConfig:
         ):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
+        require(
+            not (self.resume and self.overwrite),
+            "resume",
+            self.resume,
+            "conflicts with --overwrite",
+        )
         require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
         require(0 < self.gen_top_p <= 1, "gen_top_p", self.gen_top_p, "must be in (0, 1]")
         require(self.gen_temperature >= 0, "gen_temperature", self.gen_temperature, "must be >= 0")

@@ -18,6 +18,7 @@ candidates; generations and their reference log-probs are cached in ``OUT/genera
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -45,8 +46,10 @@ from negpref.align.generate import Sampling, generate
 from negpref.align.links import link_dpo
 from negpref.align.mcpo import KernelDraw, draw, ranking_nce
 from negpref.data import Encoded, collate, encode_qa
-from negpref.data.preference import PreferenceData
-from negpref.io import append_jsonl, atomic_write_text
+from negpref.data.preference import FieldNames, load_preferences
+from negpref.io import append_jsonl, atomic_write_text, read_jsonl_through
+from negpref.training import checkpoint as ckpt
+from negpref.training.devices import new_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +110,27 @@ class AlignTrainer:
         config: AlignConfig,
         model,
         tokenizer,
-        data: PreferenceData,
+        data,
         run_dir: str | Path | None = None,
         eval_fn: EvalFn | None = None,
     ):
-        from accelerate import Accelerator
+        """``data``: ``PreferenceData``, or any source ``load_preferences`` reads (a path, a
+        ``datasets.Dataset``/``DatasetDict``, a list of dict records)."""
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
+        data = load_preferences(
+            data,
+            FieldNames(config.prompt_field, config.chosen_field, config.rejected_field),
+            config.num_candidates,
+            config.max_length,
+        )
         self.config = config
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.eval_fn = eval_fn
-        self.accelerator = Accelerator(
+        self.accelerator = new_accelerator(
             mixed_precision=_mixed_precision(config),
             cpu=config.cpu,
             gradient_accumulation_steps=config.grad_accum,
@@ -168,6 +178,8 @@ class AlignTrainer:
         self.tokens = 0
         self.train_seconds = 0.0
         self.history = History()
+        if config.lora_r:  # the frozen base reloads from the model; checkpoints hold adapters
+            self.accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
         self._precompute_reference()
 
     # -- data order and reference -------------------------------------------------------------
@@ -478,10 +490,65 @@ class AlignTrainer:
                 self._log(record)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.total_steps:
                 self.evaluate()
+            if self.step == self.total_steps:
+                self.evaluate()
+            if self.run_dir is not None and self._checkpoint_due():
+                self.save_checkpoint()
         progress.close()
-        if self.step == self.total_steps:
-            self.evaluate()
         return self.history
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.save_every
+        if every < 0:
+            return False
+        if self.step == self.total_steps:
+            return True
+        if every > 0:
+            return self.step % every == 0
+        per_epoch = math.ceil(len(self.items) / (self.config.batch_size * self.config.grad_accum))
+        return self.step % per_epoch == 0
+
+    def trainer_state(self) -> dict:
+        """Everything besides accelerate's tensors that the next step depends on, as JSON."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "generator": self.generator.get_state().tolist(),
+            "online": [
+                {
+                    "item": i,
+                    "encoded": [dataclasses.asdict(e) for e in c.encoded],
+                    "ref_logps": c.ref_logps.tolist(),
+                }
+                for i, c in self.online.items()
+            ],
+        }
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.accelerator, self.unwrapped_model(), self.run_dir, self.step,
+            self.trainer_state(), self.config.save_total_limit,
+        )  # fmt: skip
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint`` (verified): weights, optimizer, schedule, RNG, history."""
+        state = ckpt.load_checkpoint(self.accelerator, checkpoint, bool(self.config.lora_r))
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.train_seconds = state["train_seconds"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.online = {
+            row["item"]: Candidates(
+                [Encoded(**e) for e in row["encoded"]], torch.tensor(row["ref_logps"])
+            )
+            for row in state["online"]
+        }
+        if self.run_dir is not None:
+            records = read_jsonl_through(self.run_dir / "metrics.jsonl", self.step)
+            self.history.steps = [r for r in records if "loss" in r]
+            self.history.evals = [r for r in records if "loss" not in r]
 
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)

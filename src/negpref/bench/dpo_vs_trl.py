@@ -35,6 +35,7 @@ from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer
 from negpref.data import format_prompt, pref_task
 from negpref.data.preference import normalize_records
+from negpref.errors import NegprefError
 
 
 def add_arguments(parser) -> None:
@@ -149,6 +150,15 @@ def _trl_trainer(args, model, tokenizer, records, out_dir: str, cuda: bool):
     return DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
+
+
+def check(args) -> None:
+    heads = max(1, args.hidden_size // 64)  # as the random model below is built
+    if args.hidden_size % heads or (args.hidden_size // heads) % 2:
+        raise NegprefError(
+            f"--hidden-size: must be an even number below 64 or a multiple of 64, got "
+            f"{args.hidden_size}"
+        )
 
 
 def run(args) -> dict:

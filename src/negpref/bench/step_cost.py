@@ -17,6 +17,7 @@ import types
 import torch
 
 from negpref.data import Encoded
+from negpref.errors import NegprefError
 from negpref.models import tiny_llama
 from negpref.unlearn import UnlearnConfig
 from negpref.unlearn.dataset import UnlearnData
@@ -131,6 +132,11 @@ def _step_peak_bytes(engine: Engine, step: int) -> int:
         level += nbytes
         peak = max(peak, level)
     return peak
+
+
+def check(args) -> None:
+    if args.hidden % 64:
+        raise NegprefError(f"--hidden: must be a multiple of 64 (the head size), got {args.hidden}")
 
 
 def run(args) -> dict:

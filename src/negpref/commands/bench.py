@@ -1,13 +1,19 @@
 """``negpref bench NAME``: performance figures as one JSON line (not timed tests).
 
-Each benchmark is a module ``negpref.bench.<name>`` with ``add_arguments(parser)`` and
-``run(args) -> dict``; the figures it returns are printed as JSON.
+Each benchmark is a module ``negpref.bench.<name>`` with ``add_arguments(parser)``, an optional
+``check(args)`` (settings that depend on each other) and ``run(args) -> dict``; the figures it
+returns are printed as JSON. Every numeric option is checked first: finite, >= 0, and > 0
+unless its default is 0 (which then means "as is", e.g. ``--threads 0``).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
+import math
+
+from negpref.errors import NegprefError
 
 BENCHMARKS = {
     "step-cost": "negpref.bench.step_cost",
@@ -24,10 +30,26 @@ def register(sub) -> None:
         p = names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         p.add_argument("--json", action="store_true", help="print only the JSON line")
         module.add_arguments(p)
-        p.set_defaults(func=lambda args, module=module: _run(module, args))
+        p.set_defaults(func=lambda args, module=module, p=p: _run(module, p, args))
 
 
-def _run(module, args) -> int:
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The rule of the module docstring, naming the flag."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type not in (int, float) or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if not math.isfinite(value) or value < 0:
+            raise NegprefError(f"{flag}: must be a finite number >= 0, got {value!r}")
+        if value == 0 and action.default != 0:
+            raise NegprefError(f"{flag}: must be > 0, got {value!r}")
+
+
+def _run(module, parser, args) -> int:
+    check_numbers(parser, args)
+    if hasattr(module, "check"):
+        module.check(args)
     figures = module.run(args)
     print(json.dumps(figures))
     return 0

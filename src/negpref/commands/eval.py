@@ -1,7 +1,10 @@
 """``negpref eval``: evaluate a model on TOFU, or re-aggregate saved per-item logs.
 
 negpref eval --benchmark tofu --split forget10 --model DIR --out DIR [--limit 300]
+negpref eval ... --retain-logs TOFU_EVAL.json --log-format open-unlearning
 negpref eval aggregate --logs RUN.json --retain-logs RETAIN.json --json
+
+Logs are read in TOFU's format or open-unlearning's (TOFU_EVAL.json), detected automatically.
 negpref eval --alignment ...   (alignment metrics, ``negpref.eval.alignment``)
 """
 
@@ -13,7 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from negpref.config import add_config_arguments, build_config, config_to_dict, require
+from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
+from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
 from negpref.eval import alignment
+from negpref.eval.open_unlearning import FORMATS
+from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC, META_KEY
 
 
 def _f(help_text: str, **meta) -> dict:
@@ -51,7 +58,15 @@ class EvalConfig:
         metadata=_f("QA file of non-members for membership inference (default: holdoutNN.json)"),
     )
     retain_logs: str | None = field(
-        default=None, metadata=_f("retain model's logs JSON: the forget-quality reference")
+        default=None,
+        metadata=_f(
+            "retain model's logs (TOFU format or open-unlearning's TOFU_EVAL.json, or a folder "
+            "holding one): the forget-quality and PrivLeak reference"
+        ),
+    )
+    privleak_ref_auc: float | None = field(
+        default=DEFAULT_PRIVLEAK_REF_AUC,
+        metadata=_f("retain AUC for PrivLeak when --retain-logs have no MIA scores (null: none)"),
     )
     ref_model: str | None = field(
         default=None, metadata=_f("model before unlearning, for forget / retain KL")
@@ -60,8 +75,35 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata=_f("sequences per forward / generation batch"))
     max_new_tokens: int = field(default=200, metadata=_f("greedy generation length"))
     max_length: int = field(default=512, metadata=_f("max tokens of question + answer"))
-    mia_k: float = field(default=0.2, metadata=_f("fraction of tokens for Min-K%% / Min-K%%++"))
-    out: str | None = field(default=None, metadata=_f("output folder (logs.json, aggregate.json)"))
+    mia_k: float | None = field(
+        default=None,
+        metadata=_f(
+            "fraction of tokens for Min-K%% / Min-K%%++ (default: 0.2, open-unlearning 0.4)"
+        ),
+    )
+    conventions: str = field(
+        default=DEFAULT,
+        metadata=_f(
+            "npo, or open-unlearning's (Min-K%% without EOS, k=0.4); docs/conventions.md",
+            choices=list(CONVENTIONS),
+        ),
+    )
+    system_prompt: str | None = prompt_field("system_prompt")
+    chat_template: bool = prompt_field("chat_template")
+    fallback_template: str = prompt_field("fallback_template")
+    generation: bool = field(
+        default=True,
+        metadata=_f("greedy generation for ROUGE (--no-generation: probabilities only)"),
+    )
+    log_format: str = field(
+        default="tofu",
+        metadata=_f(
+            "per-item logs as TOFU's logs.json or open-unlearning's TOFU_EVAL.json + "
+            "TOFU_SUMMARY.json",
+            choices=list(FORMATS),
+        ),
+    )
+    out: str | None = field(default=None, metadata=_f("output folder (logs, aggregate.json)"))
     overwrite: bool = field(default=False, metadata=_f("replace an existing --out folder"))
 
     def validate(self) -> None:
@@ -71,20 +113,40 @@ class EvalConfig:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.max_length >= 8, "max_length", self.max_length, "must be >= 8")
-        require(0 < self.mia_k <= 1, "mia_k", self.mia_k, "must be in (0, 1]")
+        require(self.mia_k is None or 0 < self.mia_k <= 1, "mia_k", self.mia_k, "must be in (0, 1]")
+        _check_ref_auc(self.privleak_ref_auc)
+        get_conventions(self.conventions)
+        self.prompt_format()  # a bad --fallback-template fails before the model loads
+
+    def prompt_format(self) -> PromptFormat:
+        return prompt_from_config(self)
+
+
+def _check_ref_auc(value: float | None) -> None:
+    ok = value is None or 0 <= value < 1
+    require(ok, "privleak_ref_auc", value, "must be in [0, 1) (PrivLeak divides by 1 - AUC)")
 
 
 @dataclass
 class AggregateConfig:
-    logs: str | None = field(default=None, metadata=_f("logs JSON to aggregate (TOFU format)"))
+    logs: str | None = field(
+        default=None,
+        metadata=_f("logs to aggregate (TOFU format or open-unlearning's TOFU_EVAL.json)"),
+    )
     retain_logs: str | None = field(
-        default=None, metadata=_f("retain model's logs JSON: the forget-quality reference")
+        default=None,
+        metadata=_f("retain model's logs (either format): the forget-quality reference"),
+    )
+    privleak_ref_auc: float | None = field(
+        default=DEFAULT_PRIVLEAK_REF_AUC,
+        metadata=_f("retain AUC for PrivLeak when --retain-logs have no MIA scores (null: none)"),
     )
     out: str | None = field(default=None, metadata=_f("also write aggregate.json to this folder"))
     overwrite: bool = field(default=False, metadata=_f("replace an existing --out folder"))
 
     def validate(self) -> None:
         require(bool(self.logs), "logs", self.logs, "give a logs JSON file")
+        _check_ref_auc(self.privleak_ref_auc)
 
 
 def register(sub) -> None:
@@ -143,7 +205,7 @@ def run_aggregate(args) -> int:
     if config.retain_logs:
         retain_logs = load_logs(config.retain_logs, "--retain-logs")
         check_retain_logs(logs, retain_logs, f"--retain-logs {config.retain_logs}")
-    result = aggregate(logs, retain_logs)
+    result = aggregate(logs, retain_logs, config.privleak_ref_auc)
     if config.out:
         with staged_out_dir(config.out, config.overwrite) as stage:
             atomic_write_json(stage / "aggregate.json", result)
@@ -161,6 +223,7 @@ def run_eval(args) -> int:
         check_logs,
         check_retain_logs_match_sets,
         load_logs,
+        write_logs,
     )
     from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
     from negpref.models import ModelSpec, load_model
@@ -201,9 +264,12 @@ def run_eval(args) -> int:
         ref_model=ref_model,
         mia_k=config.mia_k,
         progress=not args.json,
+        prompt=config.prompt_format(),
+        conventions=config.conventions,
+        generate=config.generation,
     )
     seconds = time.perf_counter() - start
-    result = aggregate(logs, retain_logs)
+    result = aggregate(logs, retain_logs, config.privleak_ref_auc)
     result["run"] = {
         "config": config_to_dict(config),
         "sets": {
@@ -211,10 +277,11 @@ def run_eval(args) -> int:
             for kind, s in {**sets.present(), "holdout": sets.holdout}.items()
             if s is not None
         },
+        "prompt_format": logs[META_KEY]["prompt_format"],
         "eval_seconds": seconds,
     }
     with staged_out_dir(config.out, config.overwrite) as stage:
-        atomic_write_json(stage / "logs.json", logs)
+        write_logs(stage, logs, result, config.log_format)
         atomic_write_json(stage / "aggregate.json", result)
     _print(result, args.json)
     return 0

@@ -102,6 +102,9 @@ def register(sub) -> None:
     )
     add_config_arguments(parser, U2ARunConfig)
     _add_output_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a killed run after its last saved round"
+    )
     parser.set_defaults(func=_main)
     modes = parser.add_subparsers(dest="u2a_mode", metavar="{synthetic,ablation}")
     synthetic = modes.add_parser("synthetic", help="known-answer check on a softmax policy")
@@ -163,9 +166,13 @@ def _main(args) -> int:
     cfg = build_config(U2ARunConfig, args)
     out = _out_dir(args)
     collected: list[str] = []
-    with _warnings_to_stderr(collected):
-        run = _run(cfg)
-        summary = _write_run(run, cfg, out, args.overwrite, collected)
+    with (
+        _warnings_to_stderr(collected),
+        staged_out_dir(out, args.overwrite, resume=args.resume) as stage,
+    ):
+        # Rounds are saved in the stage: a killed run continues with --resume.
+        run = _run(cfg, stage / "checkpoints")
+        summary = _write_run(run, cfg, stage, collected)
     _print(
         args,
         summary,
@@ -176,9 +183,9 @@ def _main(args) -> int:
     return 0
 
 
-def _run(cfg: U2ARunConfig) -> dict:
-    from negpref.data import load_records
-    from negpref.models import ModelSpec, load_model
+def _run(cfg: U2ARunConfig, state_dir: Path) -> dict:
+    from negpref.data.records import PROMPT, load_records
+    from negpref.models import ModelSpec, check_lora_targets, load_model
     from negpref.u2a import run_u2a
     from negpref.u2a_objectives import (
         LMForgetTask,
@@ -189,12 +196,38 @@ def _run(cfg: U2ARunConfig) -> dict:
         load_reward_fn,
     )
 
-    negatives = load_negatives(cfg.forget)
-    retain = load_negatives(cfg.retain) if cfg.loss in ("graddiff", "npo_rt") else None
+    # every input file is read and checked before the model loads
+    negatives = load_negatives(cfg.forget, cfg.max_length)
+    retain = (
+        load_negatives(cfg.retain, cfg.max_length) if cfg.loss in ("graddiff", "npo_rt") else None
+    )
+    if cfg.objective == "dpo":
+        pairs = load_records(
+            cfg.preference,
+            ("prompt", "chosen", "rejected"),
+            "preference pairs",
+            kinds={"prompt": PROMPT},
+            max_length=cfg.max_length,
+        )
+    else:
+        rows = load_records(
+            cfg.prompts,
+            what="prompts",
+            kinds={"prompt": PROMPT, "question": PROMPT},
+            max_length=cfg.max_length,
+        )
+        for i, r in enumerate(rows):
+            if not (r.get("prompt") or r.get("question")):
+                raise NegprefError(f"{rows.where(i)}: needs a `prompt` (or `question`) field")
+        prompts = [r.get("prompt") or r.get("question") for r in rows]
     model, tokenizer = load_model(ModelSpec(cfg.model, cfg.gguf or None, cfg.dtype), cfg.device)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation and any sampling follow --seed
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, cfg.lora_targets, "--lora-targets")
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -220,16 +253,10 @@ def _run(cfg: U2ARunConfig) -> dict:
         cfg.batch_size,
     )
     if cfg.objective == "dpo":
-        pairs = load_records(cfg.preference, ("prompt", "chosen", "rejected"), "preference pairs")
         objective = NegDPOObjective(
             model, tokenizer, pairs, cfg.dpo_beta, cfg.max_length, cfg.batch_size
         )
     else:
-        prompts = [
-            r.get("prompt") or r.get("question") for r in load_records(cfg.prompts, what="prompts")
-        ]
-        if not all(prompts):
-            raise NegprefError(f"{cfg.prompts}: every record needs a prompt (or question) field")
         reward = (
             RewardModelScorer(cfg.reward_model, cfg.device)
             if cfg.reward_model
@@ -254,11 +281,11 @@ def _run(cfg: U2ARunConfig) -> dict:
             file=sys.stderr,
         )
 
-    result = run_u2a(model, task, objective, algorithm, on_round=progress)
+    result = run_u2a(model, task, objective, algorithm, on_round=progress, state_dir=state_dir)
     return {"result": result, "model": model, "tokenizer": tokenizer, "negatives": negatives}
 
 
-def _write_run(run: dict, cfg: U2ARunConfig, out: Path, overwrite: bool, collected) -> dict:
+def _write_run(run: dict, cfg: U2ARunConfig, stage: Path, collected) -> dict:
     from negpref.models import save_model
     from negpref.u2a_report import run_sections
 
@@ -273,22 +300,21 @@ def _write_run(run: dict, cfg: U2ARunConfig, out: Path, overwrite: bool, collect
         "rounds": len(result.log) - 1,
         "warnings": collected,
     }
-    with staged_out_dir(out, overwrite) as stage:
-        for i, w in zip(result.selected, result.weights):
-            append_jsonl(
-                stage / "selected.jsonl",
-                {"id": ids[i], "index": i, "weight": w, "initial_gain": result.initial_gains[i]},
-            )
-        for record in result.log:
-            append_jsonl(stage / "u2a_log.jsonl", record)
-        for i, gain in enumerate(result.initial_gains):
-            append_jsonl(stage / "gains.jsonl", {"id": ids[i], "index": i, "initial_gain": gain})
-        save_model(run["model"], run["tokenizer"], stage / "model")
-        atomic_write_json(stage / "config.json", config_to_dict(cfg))
-        atomic_write_json(stage / "summary.json", summary)
-        write_html_report(
-            stage / "report.html", "negpref u2a", run_sections(result, ids, config_to_dict(cfg))
+    for i, w in zip(result.selected, result.weights):
+        append_jsonl(
+            stage / "selected.jsonl",
+            {"id": ids[i], "index": i, "weight": w, "initial_gain": result.initial_gains[i]},
         )
+    for record in result.log:
+        append_jsonl(stage / "u2a_log.jsonl", record)
+    for i, gain in enumerate(result.initial_gains):
+        append_jsonl(stage / "gains.jsonl", {"id": ids[i], "index": i, "initial_gain": gain})
+    save_model(run["model"], run["tokenizer"], stage / "model")
+    atomic_write_json(stage / "config.json", config_to_dict(cfg))
+    atomic_write_json(stage / "summary.json", summary)
+    write_html_report(
+        stage / "report.html", "negpref u2a", run_sections(result, ids, config_to_dict(cfg))
+    )
     return summary
 
 

@@ -11,8 +11,9 @@ Accepted record shapes (one file holds one shape):
   completion becomes a record whose candidates are the undesirable completions of its prompt.
 
 Other field names (e.g. TOFU's ``question``/``answer``/``perturbed_answer``) are mapped with
-``fields``. JSON / JSON Lines go through ``negpref.data.load_records`` (errors name the line);
-Parquet files and ``save_to_disk`` directories through ``datasets``.
+``fields``. Every source ``negpref.data.load_records`` reads (JSON, JSON Lines, Parquet, CSV,
+``save_to_disk`` folders, hub names, ``datasets.Dataset`` objects) is accepted, and errors name
+the record as it does.
 
 A candidate identical to ``chosen`` carries no preference: it is dropped, counted and reported
 in a warning; a record left without candidates is dropped the same way. A record that gives
@@ -23,12 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from negpref.data.records import load_records
+from negpref.data.records import load_records, place
 from negpref.errors import NegprefError
 
 log = logging.getLogger(__name__)
@@ -41,6 +39,7 @@ class PreferenceRecord:
     prompt: Prompt
     chosen: str
     rejected: list[str]  # K >= 1 candidate completions, none equal to ``chosen``
+    where: str = ""  # the record it came from ("prefs.jsonl:3"), for later errors
 
 
 @dataclass
@@ -154,7 +153,7 @@ def normalize_records(
         return _pair_unpaired(raw, source, fields, max_candidates)
     records, dropped_candidates, dropped_records = [], 0, 0
     for i, r in enumerate(raw):
-        where = f"{source} record {i}"
+        where = place(raw, i, source)
         for name in (fields.chosen, fields.rejected):
             if name not in r:
                 raise NegprefError(
@@ -175,7 +174,7 @@ def normalize_records(
         if not kept:
             dropped_records += 1
             continue
-        records.append(PreferenceRecord(prompt, chosen, kept))
+        records.append(PreferenceRecord(prompt, chosen, kept, where))
     return _finish(records, source, dropped_candidates, dropped_records)
 
 
@@ -184,7 +183,7 @@ def _pair_unpaired(
 ) -> PreferenceData:
     groups: dict[str, tuple[Prompt, list[str], list[str]]] = {}
     for i, r in enumerate(raw):
-        where = f"{source} record {i}"
+        where = place(raw, i, source)
         for name in (fields.prompt, "completion", "label"):
             if name not in r:
                 raise NegprefError(
@@ -234,43 +233,14 @@ def _finish(records, source, dropped_candidates, dropped_records) -> PreferenceD
     return PreferenceData(records, source, dropped_candidates, dropped_records, stats)
 
 
-def _read_with_datasets(path: Path) -> list[dict]:
-    import datasets
-
-    # A throwaway cache: the rows are kept in memory, nothing lands in the user's HF cache.
-    with tempfile.TemporaryDirectory(prefix="negpref-ds-") as cache:
-        try:
-            if path.is_dir():
-                loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-                if isinstance(loaded, datasets.DatasetDict):
-                    if "train" not in loaded:
-                        raise NegprefError(
-                            f"{path}: dataset has splits {list(loaded)}; save the split to "
-                            "use, or name a directory holding one"
-                        )
-                    loaded = loaded["train"]
-            else:
-                loaded = datasets.Dataset.from_parquet(
-                    str(path), cache_dir=cache, keep_in_memory=True
-                )
-        except NegprefError:
-            raise
-        except Exception as e:  # pyarrow and datasets raise many types for a bad file
-            raise NegprefError(f"{path}: could not read ({str(e).splitlines()[0]})") from e
-        return loaded.to_list()
-
-
 def load_preferences(
-    path: str | os.PathLike, fields: FieldNames | None = None, max_candidates: int = 0
+    source,
+    fields: FieldNames | None = None,
+    max_candidates: int = 0,
+    max_length: int | None = None,
 ) -> PreferenceData:
-    """Load preference records from JSON / JSON Lines / Parquet / a ``save_to_disk`` dir."""
-    path = Path(path)
-    if not path.exists():
-        raise NegprefError(f"{path}: preference file not found")
-    if path.is_dir() or path.suffix == ".parquet":
-        raw = _read_with_datasets(path)
-        if not raw:
-            raise NegprefError(f"{path}: no preference records")
-    else:
-        raw = load_records(path, what="preference records")
-    return normalize_records(raw, str(path), fields, max_candidates)
+    """Preference records from any source ``load_records`` reads, or a list of dicts."""
+    if isinstance(source, PreferenceData):
+        return source
+    raw = load_records(source, what="preference records", max_length=max_length)
+    return normalize_records(raw, str(raw.source), fields, max_candidates)

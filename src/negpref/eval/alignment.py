@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from negpref.data.records import one_line
 from negpref.errors import NegprefError
 
 # U2A, Appendix E.2, Table 5: the ASR-Keyword indicator list (matched case-sensitively, as the
@@ -83,9 +84,7 @@ def reward_model_scorer(path: str, device: str = "cpu", batch_size: int = 8) -> 
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise NegprefError(
-            f"--reward-model {path}: could not load ({str(e).splitlines()[0]})"
-        ) from e
+        raise NegprefError(f"--reward-model {path}: could not load ({one_line(e)})") from e
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -244,8 +243,8 @@ def _metrics(args, has_scorer: bool, has_reference: bool) -> tuple[str, ...]:
 
 def main(args) -> int:
     from negpref.align.generate import Sampling
-    from negpref.data import load_records
-    from negpref.io import atomic_write_json, atomic_write_text
+    from negpref.data.records import PROMPT, load_records
+    from negpref.io import atomic_write_json, atomic_write_text, check_out_dir, staged_out_dir
 
     model_path, gguf = getattr(args, "model", None), getattr(args, "gguf", None)
     out = getattr(args, "out", None)
@@ -257,16 +256,21 @@ def main(args) -> int:
         raise NegprefError("--align-prompts: give a JSON/JSONL file of records with `prompt`")
     if args.align_reward and args.reward_model:
         raise NegprefError("--align-reward and --reward-model: give one reward, not both")
-    out = Path(out)
-    if (out / "alignment.json").exists() and not getattr(args, "overwrite", False):
-        raise NegprefError(f"--out {out}: alignment.json exists; pass --overwrite to replace it")
+    overwrite = getattr(args, "overwrite", False)
+    out = check_out_dir(out, overwrite=overwrite)  # a non-empty --out needs --overwrite
     limit = getattr(args, "limit", None)
-    rows = load_records(args.align_prompts, required=("prompt",), what="prompts")
+    max_length = getattr(args, "max_length", 512)
+    rows = load_records(
+        args.align_prompts,
+        required=("prompt",),
+        what="prompts",
+        kinds={"prompt": PROMPT},
+        max_length=max_length,
+    )
     prompts = [r["prompt"] for r in rows][:limit]
     device = getattr(args, "device", "auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype, batch_size = getattr(args, "dtype", "auto"), getattr(args, "batch_size", 8)
-    max_length = getattr(args, "max_length", 512)
     ref_path, ref_gguf = getattr(args, "ref_model", None), getattr(args, "ref_gguf", None)
     scorer = None
     if args.reward_model:
@@ -282,9 +286,11 @@ def main(args) -> int:
         max_length, batch_size, args.align_seed, device,
     )  # fmt: skip
     result["metrics"] = list(metrics)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "alignment_items.jsonl", "".join(json.dumps(i) + "\n" for i in items))
-    atomic_write_json(out / "alignment.json", result)
+    with staged_out_dir(out, overwrite) as stage:
+        atomic_write_text(
+            stage / "alignment_items.jsonl", "".join(json.dumps(i) + "\n" for i in items)
+        )
+        atomic_write_json(stage / "alignment.json", result)
     if getattr(args, "json", False):
         print(json.dumps(result))
     else:

@@ -12,8 +12,16 @@ import os
 import re
 from pathlib import Path
 
+from negpref.conventions import NPO, Conventions
+from negpref.data import DEFAULT_PROMPT, PromptFormat
 from negpref.eval.tofu import TofuSets, evaluate_tofu
-from negpref.eval.tofu_logs import aggregate, check_logs, check_retain_logs_match_sets, load_logs
+from negpref.eval.tofu_logs import (
+    aggregate,
+    as_tofu_logs,
+    check_logs,
+    check_retain_logs_match_sets,
+    load_logs,
+)
 from negpref.io import atomic_write_json
 
 EVALS_DIR = "evals"
@@ -27,9 +35,10 @@ def step_logs_path(out_dir: str | os.PathLike, step: int) -> Path:
 class TofuEvalCallback:
     """Evaluates the model under training on ``sets`` and returns TOFU's aggregates.
 
-    ``retain_logs`` (a logs dict or a path to one) is the forget-quality reference; without it
-    ``forget_quality`` is None. ``ref_model`` (the model before unlearning) adds ``forget_kl``
-    and ``retain_kl``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
+    ``retain_logs`` (a logs dict or a path to one, TOFU's or open-unlearning's format) is the
+    forget-quality reference; without it ``forget_quality`` is None. ``ref_model`` (the model
+    before unlearning) adds ``forget_kl`` and ``retain_kl``. ``prompt``, ``conventions``,
+    ``mia_k`` and ``generate`` are passed to ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
     needs ``step`` and, to save per-item logs, ``out_dir`` (``epoch`` is recorded if present).
     """
 
@@ -41,18 +50,28 @@ class TofuEvalCallback:
         batch_size: int = 8,
         max_new_tokens: int = 200,
         max_length: int = 512,
-        mia_k: float = 0.2,
+        mia_k: float | None = None,
+        prompt: PromptFormat = DEFAULT_PROMPT,
+        conventions: Conventions | str = NPO,
+        generate: bool = True,
     ):
         if retain_logs is not None and not isinstance(retain_logs, dict):
             retain_logs = load_logs(retain_logs, "retain logs")
         if retain_logs is not None:
+            retain_logs = as_tofu_logs(retain_logs, "retain logs")
             check_logs(retain_logs, "retain logs")
             check_retain_logs_match_sets(retain_logs, sets, "retain logs")
         self.sets = sets
         self.retain_logs = retain_logs
         self.ref_model = ref_model
         self.options = dict(
-            batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, mia_k=mia_k
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            mia_k=mia_k,
+            prompt=prompt,
+            conventions=conventions,
+            generate=generate,
         )
 
     def on_evaluate(self, state, model, tokenizer) -> dict:

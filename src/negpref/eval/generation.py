@@ -7,13 +7,15 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from negpref.data import encode_qa
+from negpref.data import DEFAULT_PROMPT, PromptFormat, encode_qa
 from negpref.eval.scoring import model_device
 
 
-def prompt_ids(tokenizer, question, max_length: int) -> list[int]:
+def prompt_ids(
+    tokenizer, question, max_length: int, prompt: PromptFormat = DEFAULT_PROMPT
+) -> list[int]:
     """Token ids of the prompt exactly as ``data.encode_qa`` builds them for scoring."""
-    encoded = encode_qa(tokenizer, question, "", max_length)
+    encoded = encode_qa(tokenizer, question, "", max_length, prompt)
     return [t for t, in_answer in zip(encoded.input_ids, encoded.answer_mask) if not in_answer]
 
 
@@ -36,13 +38,14 @@ def greedy_generate(
     max_new_tokens: int = 200,
     max_length: int = 512,
     desc: str | None = None,
+    prompt: PromptFormat = DEFAULT_PROMPT,
 ) -> list[str]:
     """Greedy answers (special tokens dropped, whitespace stripped), in input order.
 
     Prompts are sorted by length so batches need little padding. An answer may be empty (the
     model emitted EOS at once); callers count those.
     """
-    prompts = [prompt_ids(tokenizer, q, max_length) for q in questions]
+    prompts = [prompt_ids(tokenizer, q, max_length, prompt) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = model_device(model)
     pad_id = tokenizer.pad_token_id

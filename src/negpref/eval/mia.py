@@ -12,9 +12,15 @@ forget set, about 0.5 for one that never saw it (the retain model).
   distribution, ``(log p(x_t) - mu_t) / sigma_t`` with ``mu_t = E_z[log p(z)]`` and
   ``sigma_t^2 = Var_z[log p(z)]`` under ``z ~ p(.|x_<t)`` (Zhang et al. 2024).
 
-Privacy leakage (MUSE's PrivLeak) compares the unlearned model's AUC with the retain model's:
-``(AUC_unlearned - AUC_retain) / AUC_retain``; 0 is ideal, positive is under-unlearning,
-negative over-unlearning. MUSE reports it in percent.
+Privacy leakage (MUSE's PrivLeak, as MUSE and open-unlearning compute it) compares the
+unlearned model's AUC with the retain model's on ``1 - AUC`` (MUSE's AUC ranks non-members
+first): ``((1-AUC) - (1-AUC_retain)) / (1-AUC_retain) * 100``, in percent. 0 is ideal; an
+under-unlearned model (forget set still recognised, AUC above the retain model's) scores
+negative, an over-unlearned one positive. Without a retain model, open-unlearning takes
+``AUC_retain = 0.5`` (a model that never saw the forget set cannot tell it from the holdout).
+
+Under open-unlearning's conventions Min-K% and Min-K%++ leave the last answer token (EOS) out
+(``drop_last_answer_token``) and default to ``k = 0.4``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ def _bottom_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.
     keep = positions.unsqueeze(0) < count.unsqueeze(-1)
     means = ranked.masked_fill(~keep, 0.0).sum(-1) / count
     return means.masked_fill(n == 0, math.nan)
+
+
+def drop_last_answer_token(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` without each row's last masked position: open-unlearning's Min-K% tokens, which
+    skip the EOS prediction (``tokenwise_logprobs`` drops the last labelled token)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask > 0, positions, -1).max(-1, keepdim=True).values
+    return mask * (positions.unsqueeze(0) != last)
 
 
 def min_k_scores(token_logps: torch.Tensor, mask: torch.Tensor, k: float = 0.2) -> torch.Tensor:
@@ -76,7 +90,12 @@ def mia_auc(member_scores, nonmember_scores) -> float:
 
 
 def privleak(auc_unlearned: float, auc_retain: float) -> float:
-    """MUSE's PrivLeak as a fraction: ``(AUC_unlearned - AUC_retain) / AUC_retain``."""
-    if not auc_retain > 0:
-        return math.nan  # undefined: a retain model ranking every non-member above members
-    return (auc_unlearned - auc_retain) / auc_retain
+    """MUSE's PrivLeak in percent: ``((1-AUC) - (1-AUC_retain)) / (1-AUC_retain) * 100``.
+
+    Negative when the unlearned model still tells members apart better than the retain model.
+    """
+    if not auc_retain < 1:
+        # undefined: a retain model ranking every member first (open-unlearning divides by
+        # 1e-10 here and reports ~1e10 times the difference)
+        return math.nan
+    return ((1 - auc_unlearned) - (1 - auc_retain)) / (1 - auc_retain) * 100

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from negpref import losses
-from negpref.data import collate, encode_qa
+from negpref.conventions import NPO, Conventions, get_conventions
+from negpref.data import DEFAULT_PROMPT, PromptFormat, collate, encode_qa
 from negpref.eval import mia
 from negpref.logprobs import sequence_logps
 
@@ -54,14 +55,18 @@ def score_answers(
     ref_model=None,
     mia_k: float | None = None,
     desc: str | None = None,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+    conventions: Conventions | str = NPO,
 ) -> AnswerScores:
-    """Score ``(question, answer)`` pairs under ``model``.
+    """Score ``(question, answer)`` pairs under ``model``, questions formatted by ``prompt``.
 
     With ``ref_model``, also the per-pair forget/retain KL ``KL(pi_ref || pi_model)`` over the
     answer tokens; with ``mia_k``, the membership-inference scores of ``mia.ATTACKS`` (Min-K%
-    and Min-K%++ over the lowest ``mia_k`` fraction of tokens).
+    and Min-K%++ over the lowest ``mia_k`` fraction of tokens; without the EOS token under
+    open-unlearning's ``conventions``).
     """
-    encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in pairs]
+    drop_eos = get_conventions(conventions).mia_drop_eos
+    encoded = [encode_qa(tokenizer, q, a, max_length, prompt) for q, a in pairs]
     n = len(encoded)
     logps, n_tokens = [math.nan] * n, [0] * n
     scores = {name: [math.nan] * n for name in mia.ATTACKS} if mia_k is not None else None
@@ -80,8 +85,9 @@ def score_answers(
             ref_batch = {k: v.to(ref_device) for k, v in batch.items()}
             ref_out = sequence_logps(ref_model, ref_batch, keep_logits=True)
         if scores is not None:
-            min_k = mia.min_k_scores(out.token_logps, out.mask, mia_k)
-            min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, out.mask, mia_k)
+            min_k_mask = mia.drop_last_answer_token(out.mask) if drop_eos else out.mask
+            min_k = mia.min_k_scores(out.token_logps, min_k_mask, mia_k)
+            min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, min_k_mask, mia_k)
         for row, i in enumerate(chunk):
             lp, count = out.logps[row].item(), int(out.n_tokens[row].item())
             n_tokens[i] = count

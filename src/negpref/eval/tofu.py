@@ -3,8 +3,10 @@ evaluation of a model on them (``evaluate_tofu``), returning logs in TOFU's own 
 (``negpref.eval.tofu_logs`` describes and aggregates them).
 
 Per set: the answer's log-prob (one batched forward per batch of answers), a greedy generation
-and its ROUGE recall, and the paraphrased and perturbed answers' log-probs for the truth ratio.
-Item indices are positions in the source file, as string keys (what JSON round-trips).
+and its ROUGE recall (skipped with ``generate=False``), and the paraphrased and perturbed
+answers' log-probs for the truth ratio. Item indices are positions in the source file, as
+string keys (what JSON round-trips). The logs record the prompt format and conventions used
+(``META_KEY``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from negpref.data import load_records
+from negpref.conventions import NPO, Conventions, get_conventions
+from negpref.data import DEFAULT_PROMPT, PromptFormat, load_records
+from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_generate
 from negpref.eval.scoring import AnswerScores, score_answers
-from negpref.eval.tofu_logs import EVAL_FILES, HOLDOUT_FILE, short_list
+from negpref.eval.tofu_logs import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
 
 # Source files in a TOFU-format data directory.
 RETAIN_PERTURBED = "retain_perturbed.json"
@@ -42,6 +46,7 @@ _REQUIRED = {
     "world_facts": ("question", "answer", "perturbed_answer"),
     "holdout": ("question", "answer"),
 }
+_KINDS = {"question": TEXT, "answer": TEXT, "paraphrased_answer": TEXT}
 
 
 @dataclass
@@ -140,8 +145,8 @@ def make_eval_set(
         raise NegprefError(f"{source}: no {kind} items")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise NegprefError(f"{source} item {i}: expected a JSON object")
-        _check_record(kind, record, f"{source} item {i}")
+            raise NegprefError(f"{place(records, i, source)}: expected a JSON object")
+        _check_record(kind, record, place(records, i, source))
     keep = subsample(len(records), limit, seed)
     return EvalSet(kind=kind, records=[records[i] for i in keep], indices=keep, source=source)
 
@@ -221,8 +226,12 @@ def load_tofu_sets(
     percent = _split_percent(split)
     root = resolve_tofu_dir(data_dir)
     forget_eval_path = _forget_eval_file(root, split)
-    split_records = load_records(root / f"{split}.json", ("question", "answer"), "forget split")
-    forget_records = load_records(forget_eval_path, _REQUIRED["forget"], "forget evaluation")
+    split_records = load_records(
+        root / f"{split}.json", ("question", "answer"), "forget split", kinds=_KINDS
+    )
+    forget_records = load_records(
+        forget_eval_path, _REQUIRED["forget"], "forget evaluation", kinds=_KINDS
+    )
     check_perturbed_matches(
         forget_records,
         [r["question"] for r in split_records],
@@ -231,7 +240,7 @@ def load_tofu_sets(
     )
 
     def read(kind: str, path: Path) -> EvalSet:
-        records = load_records(path, _REQUIRED[kind], f"{kind} evaluation")
+        records = load_records(path, _REQUIRED[kind], f"{kind} evaluation", kinds=_KINDS)
         return make_eval_set(kind, records, str(path), limit, seed)
 
     holdout_path = Path(holdout) if holdout is not None else root / f"holdout{percent:02d}.json"
@@ -280,9 +289,12 @@ def _evaluate_set(
     ref_model=None,
     mia_k: float | None = None,
     progress: bool = False,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+    conventions: Conventions = NPO,
+    answers_only: bool = False,
 ) -> dict[str, dict]:
-    """Per-item logs of one set; ``max_new_tokens=None`` skips generation and truth ratio
-    (the holdout set only feeds membership inference)."""
+    """Per-item logs of one set; ``max_new_tokens=None`` skips generation (and ROUGE),
+    ``answers_only`` also the truth ratio (the holdout set only feeds membership inference)."""
     kind, records, keys = eval_set.kind, eval_set.records, eval_set.keys
     questions = [r["question"] for r in records]
     answers = [r["answer"] for r in records]
@@ -292,23 +304,39 @@ def _evaluate_set(
 
     def score(pairs, what, **extra) -> AnswerScores:
         return score_answers(
-            model, tokenizer, pairs, batch_size, max_length, desc=desc(what), **extra
+            model,
+            tokenizer,
+            pairs,
+            batch_size,
+            max_length,
+            desc=desc(what),
+            prompt=prompt,
+            conventions=conventions,
+            **extra,
         )
 
     gt = score(list(zip(questions, answers)), "answers", ref_model=ref_model, mia_k=mia_k)
     log = _gt_metrics(keys, gt)
-    if max_new_tokens is None:
+    if answers_only:
         return log
 
-    generations = greedy_generate(
-        model, tokenizer, questions, batch_size, max_new_tokens, max_length, desc("generation")
-    )
-    rouge1, rouge_l = metrics.rouge_recalls(answers, generations)
-    log["generated_text"] = {
-        k: [q, g, a] for k, q, g, a in zip(keys, questions, generations, answers)
-    }
-    log["rouge1_recall"] = dict(zip(keys, rouge1))
-    log["rougeL_recall"] = dict(zip(keys, rouge_l))
+    if max_new_tokens is not None:
+        generations = greedy_generate(
+            model,
+            tokenizer,
+            questions,
+            batch_size,
+            max_new_tokens,
+            max_length,
+            desc("generation"),
+            prompt=prompt,
+        )
+        rouge1, rouge_l = metrics.rouge_recalls(answers, generations)
+        log["generated_text"] = {
+            k: [q, g, a] for k, q, g, a in zip(keys, questions, generations, answers)
+        }
+        log["rouge1_recall"] = dict(zip(keys, rouge1))
+        log["rougeL_recall"] = dict(zip(keys, rouge_l))
 
     if "paraphrased_answer" in _REQUIRED[kind]:
         para = score(
@@ -346,15 +374,29 @@ def evaluate_tofu(
     max_new_tokens: int = 200,
     max_length: int = 512,
     ref_model=None,
-    mia_k: float = 0.2,
+    mia_k: float | None = None,
     progress: bool = False,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+    conventions: Conventions | str = NPO,
+    generate: bool = True,
 ) -> dict[str, dict]:
     """Evaluate ``model`` on every set of ``sets``; return per-item logs in TOFU's format.
 
     With ``ref_model`` the forget and retain logs hold ``kl_ref`` (forget / retain KL); with a
-    holdout set, the forget and holdout logs hold the ``mia_*`` attack scores. ``progress``
-    shows progress bars (stderr).
+    holdout set, the forget and holdout logs hold the ``mia_*`` attack scores (Min-K% over
+    ``mia_k`` of the tokens, default: the conventions' 0.2 or 0.4). Questions are formatted by
+    ``prompt``. ``generate=False`` skips greedy generation, so the logs hold no ROUGE (the
+    aggregates that need it say so). ``progress`` shows progress bars (stderr).
     """
+    conventions = get_conventions(conventions)
+    mia_k = conventions.mia_k if mia_k is None else mia_k
+    options = dict(
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        prompt=prompt,
+        conventions=conventions,
+    )
     was_training = model.training
     model.eval()
     logs: dict[str, dict] = {}
@@ -364,24 +406,27 @@ def evaluate_tofu(
                 model,
                 tokenizer,
                 eval_set,
-                batch_size,
-                max_length,
-                max_new_tokens,
+                max_new_tokens=max_new_tokens if generate else None,
                 ref_model=ref_model if kind in ("forget", "retain") else None,
                 mia_k=mia_k if kind == "forget" and sets.holdout is not None else None,
-                progress=progress,
+                **options,
             )
         if sets.holdout is not None:
             logs[HOLDOUT_FILE] = _evaluate_set(
                 model,
                 tokenizer,
                 sets.holdout,
-                batch_size,
-                max_length,
-                None,
+                max_new_tokens=None,
                 mia_k=mia_k,
-                progress=progress,
+                answers_only=True,
+                **options,
             )
     finally:
         model.train(was_training)
+    logs[META_KEY] = {
+        "prompt_format": prompt.describe(tokenizer),
+        "conventions": conventions.name,
+        "mia_k": mia_k if sets.holdout is not None else None,
+        "generation": generate,
+    }
     return logs

@@ -14,12 +14,16 @@ Per-item metrics are TOFU's (``avg_gt_loss``, ``gt_loss``, ``num_token_gt``, ``g
 ``paraphrased_loss``, ``num_token_paraphrased``, ``average_perturb_loss``, ``perturb_loss``,
 ``num_token_perturb``, ``truth_ratio``, and ``normalized_gt_loss`` on real authors / world
 facts) plus ours: ``kl_ref`` (KL(ref || model) per item, with a reference model) and ``mia_*``
-membership scores (with a holdout set).
+membership scores (with a holdout set). ``negpref_meta`` (not an eval file) records the prompt
+format and conventions of the evaluation. Logs evaluated without generation have no
+``generated_text`` / ROUGE; the aggregates that need ROUGE are then reported missing.
+
+``load_logs`` also reads open-unlearning's ``TOFU_EVAL.json`` (detected by its shape; see
+``negpref.eval.open_unlearning``) and converts it to this format; ``write_logs`` writes either.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -27,9 +31,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from negpref.data.records import load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
+from negpref.eval import open_unlearning as ou
 from negpref.eval.mia import ATTACKS, mia_auc, privleak
+from negpref.io import atomic_write_json
 
 if TYPE_CHECKING:
     from negpref.eval.tofu import TofuSets
@@ -39,6 +46,10 @@ FORGET_FILE = "eval_log_forget.json"
 REAL_AUTHORS_FILE = "eval_real_author_wo_options.json"
 WORLD_FACTS_FILE = "eval_real_world_wo_options.json"
 HOLDOUT_FILE = "eval_log_holdout.json"
+META_KEY = "negpref_meta"  # how the logs were made (prompt format, conventions); not a set
+TOFU_LOGS_FILE = "logs.json"
+# open-unlearning's reference AUC for PrivLeak when there is no retain model (privleak.yaml)
+DEFAULT_PRIVLEAK_REF_AUC = 0.5
 
 # Set kind -> log file, in TOFU's order. Utility sets feed model utility; forget feeds quality.
 EVAL_FILES = {
@@ -49,14 +60,15 @@ EVAL_FILES = {
 }
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 KNOWN_FILES = (*EVAL_FILES.values(), HOLDOUT_FILE)
-# Metrics TOFU's aggregation reads (and so every eval file must hold), and the holdout's.
+# Metrics TOFU's aggregation reads (and so every eval file must hold); ROUGE-L only when the
+# evaluation generated. The holdout needs any one per-item score.
 _AGGREGATED_METRICS = (
     "avg_gt_loss",
     "avg_paraphrased_loss",
     "average_perturb_loss",
-    "rougeL_recall",
 )
-_HOLDOUT_METRICS = ("avg_gt_loss",)
+_OPTIONAL_METRICS = ("rougeL_recall",)
+_HOLDOUT_METRICS = ("avg_gt_loss", *(f"mia_{a}" for a in ATTACKS))
 
 
 def short_list(indices, limit: int = 10) -> str:
@@ -65,38 +77,113 @@ def short_list(indices, limit: int = 10) -> str:
     return shown + (f" (and {len(indices) - limit} more)" if len(indices) > limit else "")
 
 
-def load_logs(path: str | os.PathLike, what: str = "--logs") -> dict[str, dict]:
-    """Read a logs JSON (``{eval file: {metric: {index: value}}}``) and check its shape."""
-    path = Path(path)
+def _logs_file(path: Path, what: str) -> Path:
+    """``path``, or in a folder its ``logs.json`` or open-unlearning's ``TOFU_EVAL.json``."""
+    if path.is_dir():
+        for name in (TOFU_LOGS_FILE, ou.EVAL_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise NegprefError(
+            f"{what} {path}: folder holds neither {TOFU_LOGS_FILE} nor {ou.EVAL_FILE}"
+        )
     if not path.is_file():
         raise NegprefError(f"{what} {path}: file not found")
-    try:
-        logs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NegprefError(f"{what} {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    return path
+
+
+def load_logs(path: str | os.PathLike, what: str = "--logs") -> dict[str, dict]:
+    """Read logs in TOFU's format or open-unlearning's (``TOFU_EVAL.json``), detected from the
+    content, as TOFU-format logs (``{eval file: {metric: {index: value}}}``), shape checked.
+
+    ``path`` may be a folder holding ``logs.json`` or ``TOFU_EVAL.json``.
+    """
+    path = _logs_file(Path(path), what)
+    logs = load_json(path, what)
+    logs = as_tofu_logs(logs, f"{what} {path}")
     check_logs(logs, f"{what} {path}")
     return logs
+
+
+def as_tofu_logs(logs, where: str) -> dict:
+    """TOFU-format logs unchanged; open-unlearning's converted; anything else refused."""
+    if not isinstance(logs, dict) or not logs:
+        raise NegprefError(f"{where}: expected {{eval file: {{metric: {{index: value}}}}}}")
+    if all(k in KNOWN_FILES or k == META_KEY for k in logs):
+        return logs
+    if ou.looks_like_summary(logs):
+        raise NegprefError(
+            f"{where}: an open-unlearning summary ({ou.SUMMARY_FILE}) holds only aggregates; pass "
+            f"the {ou.EVAL_FILE} beside it, which has the per-item values"
+        )
+    if ou.looks_like_open_unlearning(logs):
+        converted = ou.from_open_unlearning(logs, where, EVAL_FILES, HOLDOUT_FILE)
+        if META_KEY in logs:
+            converted[META_KEY] = logs[META_KEY]
+        return converted
+    return logs  # check_logs names what is unknown
 
 
 def check_logs(logs, where: str) -> None:
     if not isinstance(logs, dict) or not logs:
         raise NegprefError(f"{where}: expected {{eval file: {{metric: {{index: value}}}}}}")
-    unknown = [f for f in logs if f not in KNOWN_FILES]
+    unknown = [f for f in logs if f not in KNOWN_FILES and f != META_KEY]
     if unknown:
         raise NegprefError(
-            f"{where}: unknown eval file(s) {', '.join(unknown)}; known: {', '.join(KNOWN_FILES)}"
+            f"{where}: unknown eval file(s) {', '.join(unknown)}; known: {', '.join(KNOWN_FILES)} "
+            f"(TOFU's format) or open-unlearning's {ou.EVAL_FILE}"
         )
-    for file, per_metric in logs.items():
-        needed = _HOLDOUT_METRICS if file == HOLDOUT_FILE else _AGGREGATED_METRICS
-        missing = [m for m in needed if not isinstance(per_metric.get(m), dict)]
+    for file, per_metric in eval_files(logs).items():
+        if not isinstance(per_metric, dict):
+            raise NegprefError(f"{where}: {file} must map metric names to {{index: value}}")
+        if file == HOLDOUT_FILE:
+            present = [m for m in _HOLDOUT_METRICS if isinstance(per_metric.get(m), dict)]
+            if not present:
+                raise NegprefError(
+                    f"{where}: {file} lacks per-item scores ({', '.join(_HOLDOUT_METRICS)})"
+                )
+            for metric in present:
+                _check_numbers(per_metric[metric], f"{where}: {file} metric {metric}")
+            continue
+        missing = [m for m in _AGGREGATED_METRICS if not isinstance(per_metric.get(m), dict)]
         if missing:
             raise NegprefError(f"{where}: {file} lacks metric(s) {', '.join(missing)}")
         keys = set(per_metric["avg_gt_loss"])
-        for metric in needed:
+        for metric in (*_AGGREGATED_METRICS, *_OPTIONAL_METRICS):
+            if metric not in per_metric:
+                continue
             if set(per_metric[metric]) != keys:
                 raise NegprefError(
                     f"{where}: {file} metric {metric} covers other items than avg_gt_loss"
                 )
+            _check_numbers(per_metric[metric], f"{where}: {file} metric {metric}")
+
+
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_numbers(values: dict, where: str) -> None:
+    """Per-item values are numbers (null = not computed), or lists of them (perturbed)."""
+    for index, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(_is_number(v) for v in items):
+            raise NegprefError(
+                f"{where} item {index}: expected a number (or null), got {value!r:.60}; the "
+                "logs must hold numbers"
+            )
+
+
+def eval_files(logs: dict) -> dict[str, dict]:
+    """The per-set logs, without the ``negpref_meta`` record."""
+    return {f: v for f, v in logs.items() if f != META_KEY}
+
+
+def item_keys(per_metric: dict) -> list[str]:
+    """Item indices of one eval file (the holdout may hold only attack scores)."""
+    for metric in _HOLDOUT_METRICS:
+        if isinstance(per_metric.get(metric), dict):
+            return list(per_metric[metric])
+    return []
 
 
 def _values(per_metric: dict, metric: str, keys: list[str]) -> list:
@@ -115,7 +202,7 @@ def _item_ratios(per_metric: dict, keys: list[str]) -> np.ndarray:
 
 def _n_nan(per_metric: dict, keys: list[str]) -> int:
     def bad(k: str) -> bool:
-        values = [per_metric["avg_gt_loss"][k]]
+        values = [per_metric["avg_gt_loss"][k]] if "avg_gt_loss" in per_metric else []
         if "avg_paraphrased_loss" in per_metric:
             values += [
                 per_metric["avg_paraphrased_loss"][k],
@@ -138,11 +225,9 @@ def _set_summary(kind: str, per_metric: dict) -> dict[str, float]:
         )
     ratios = _item_ratios(per_metric, keys)
     ratio_stat = metrics.forget_truth_ratio if kind == "forget" else metrics.utility_truth_ratio
-    summary = {
-        "prob": prob,
-        "rougeL": metrics.mean_finite(_values(per_metric, "rougeL_recall", keys)),
-        "truth_ratio": ratio_stat(ratios),
-    }
+    summary = {"prob": prob, "truth_ratio": ratio_stat(ratios)}
+    if "rougeL_recall" in per_metric:
+        summary["rougeL"] = metrics.mean_finite(_values(per_metric, "rougeL_recall", keys))
     if "rouge1_recall" in per_metric:
         summary["rouge1"] = metrics.mean_finite(_values(per_metric, "rouge1_recall", keys))
     return summary
@@ -166,8 +251,12 @@ def _compare_forget_items(ours: dict, theirs: dict, what: str) -> None:
 
     def differs(k: str) -> bool:
         a, b = ours[k], theirs[k]
-        # Logs without generated_text cannot be told apart beyond their indices.
-        return isinstance(a, str) and isinstance(b, str) and a.split() != b.split()
+        # Logs without generated_text cannot be told apart beyond their indices. Whitespace is
+        # ignored: open-unlearning's answers are decoded from tokens, which may drop the space
+        # before punctuation.
+        return (
+            isinstance(a, str) and isinstance(b, str) and "".join(a.split()) != "".join(b.split())
+        )
 
     differ = [k for k in ours if differs(k)]
     if differ:
@@ -219,7 +308,11 @@ def _finite_or_none(value):
     return value
 
 
-def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
+def aggregate(
+    logs: dict,
+    retain_logs: dict | None = None,
+    privleak_ref_auc: float | None = DEFAULT_PRIVLEAK_REF_AUC,
+) -> dict:
     """TOFU's aggregates of ``logs`` (``aggregate_eval_stat.py``), plus KL, perplexity, MIA.
 
     Keys: ``model_utility`` (harmonic mean of ``{retain,real_authors,world_facts}/{prob,rougeL,
@@ -227,15 +320,21 @@ def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
     ``retain_logs``; None without them) and ``forget_ks_statistic``, ``forget_truth_ratio``,
     ``forget/{prob,rougeL,truth_ratio}``, ``*/rouge1``, ``forget_kl`` / ``retain_kl`` (with a
     reference model), ``forget_perplexity`` / ``retain_perplexity``, ``mia/<attack>`` AUCs and
-    ``privleak/<attack>`` (with holdout scores in both logs), and per-set ``counts`` (items,
-    NaN items, empty generations). Non-finite values are reported as None.
+    ``privleak/<attack>`` (MUSE's, in percent: against the retain logs' AUC when they hold
+    holdout scores, else against ``privleak_ref_auc``; ``privleak_reference`` says which; None
+    turns the fixed reference off), per-set ``counts`` (items, NaN items, empty generations)
+    and ``missing`` (aggregates that could not be computed, and why). Non-finite values are
+    reported as None.
     """
+    logs = as_tofu_logs(logs, "logs")
     check_logs(logs, "logs")
     if retain_logs is not None:
+        retain_logs = as_tofu_logs(retain_logs, "retain logs")
         check_logs(retain_logs, "retain logs")
         check_retain_logs(logs, retain_logs)
     result: dict = {"model_utility": None, "forget_quality": None, "forget_ks_statistic": None}
     components = []
+    missing: dict[str, str] = {}
     counts = {}
     for kind, file in EVAL_FILES.items():
         if file not in logs:
@@ -245,6 +344,10 @@ def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
             result[f"{kind}/{name}"] = value
             if kind in UTILITY_SETS and name in ("prob", "rougeL", "truth_ratio"):
                 components.append(value)
+        if "rougeL_recall" not in per_metric:
+            missing[f"{kind}/rougeL"] = "no generations in the logs (evaluated without generation)"
+            if kind in UTILITY_SETS:
+                missing["model_utility"] = f"needs ROUGE-L, which the {kind} logs lack"
         keys = list(per_metric["avg_gt_loss"])
         texts = per_metric.get("generated_text", {})
         counts[kind] = {
@@ -252,7 +355,7 @@ def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
             "nan_items": _n_nan(per_metric, keys),
             "empty_generations": sum(not str(t[1]).strip() for t in texts.values()),
         }
-    if components:
+    if components and "model_utility" not in missing:
         result["model_utility"] = metrics.model_utility(components)
     if FORGET_FILE in logs:
         result["forget_truth_ratio"] = result["forget/truth_ratio"]
@@ -277,12 +380,41 @@ def aggregate(logs: dict, retain_logs: dict | None = None) -> dict:
     aucs = _mia_summary(logs)
     for attack, auc in aucs.items():
         result[f"mia/{attack}"] = auc
-    if retain_logs is not None and aucs:
-        retain_aucs = _mia_summary(retain_logs)
+    retain_aucs = _mia_summary(retain_logs) if retain_logs is not None else {}
+    if aucs and retain_aucs:
+        result["privleak_reference"] = "retain logs"
         for attack in aucs.keys() & retain_aucs.keys():
             result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
+    elif aucs and privleak_ref_auc is not None:
+        result["privleak_reference"] = f"fixed AUC {privleak_ref_auc:g}"
+        for attack, auc in aucs.items():
+            result[f"privleak/{attack}"] = privleak(auc, privleak_ref_auc)
     if HOLDOUT_FILE in logs:
-        keys = list(logs[HOLDOUT_FILE]["avg_gt_loss"])
+        keys = item_keys(logs[HOLDOUT_FILE])
         counts["holdout"] = {"items": len(keys), "nan_items": _n_nan(logs[HOLDOUT_FILE], keys)}
     result["counts"] = counts
+    if missing:
+        result["missing"] = missing
     return _finite_or_none(result)
+
+
+def write_logs(
+    folder: str | os.PathLike, logs: dict, aggregates: dict, log_format: str = "tofu"
+) -> list[Path]:
+    """Write ``logs`` into ``folder`` as TOFU's ``logs.json``, or as open-unlearning's
+    ``TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (``aggregates`` fill their ``agg_value``s)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if log_format == "tofu":
+        atomic_write_json(folder / TOFU_LOGS_FILE, logs)
+        return [folder / TOFU_LOGS_FILE]
+    if log_format != "open-unlearning":
+        raise NegprefError(
+            f"--log-format: must be one of {', '.join(ou.FORMATS)}, got {log_format!r}"
+        )
+    theirs = ou.to_open_unlearning(eval_files(logs), aggregates, EVAL_FILES, HOLDOUT_FILE)
+    if META_KEY in logs:
+        theirs[META_KEY] = logs[META_KEY]
+    atomic_write_json(folder / ou.EVAL_FILE, theirs)
+    atomic_write_json(folder / ou.SUMMARY_FILE, ou.summary(theirs))
+    return [folder / ou.EVAL_FILE, folder / ou.SUMMARY_FILE]

@@ -78,15 +78,10 @@ def tradeoff_figure(summary: dict) -> bytes:
         fq, mu = _fq(_mean(m["forget_quality"])), _mean(m["model_utility"])
         if fq is None or not _finite(mu):
             continue
-        ax.scatter(mu, fq, s=70, color=s["color"], marker=s["marker"], zorder=3)
-        ax.annotate(
-            f"{name} (ep. {_mean(m['peak_epoch']) or 0:.1f})",
-            (mu, fq),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=8,
-            color=s["color"],
-        )
+        # a legend entry, not a label at the point: methods at similar points (GA, GA+RT,
+        # GA+KL) printed their labels on top of each other
+        label = f"{name} (ep. {_mean(m['peak_epoch']) or 0:.1f})"
+        ax.scatter(mu, fq, s=70, color=s["color"], marker=s["marker"], label=label, zorder=3)
     for key, marker, label in (("target", "X", "target (before)"), ("retain", "*", "retain model")):
         ref = summary.get(key, {})
         fq, mu = _fq(_mean(ref.get("forget_quality"))), _mean(ref.get("model_utility"))
@@ -97,7 +92,7 @@ def tradeoff_figure(summary: dict) -> bytes:
     ax.set_xlabel("Model utility")
     ax.set_ylabel("Forget quality (KS p-value, log)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title(
         f"Forget quality vs model utility ({summary.get('split', 'forget')}, "
         f"{len(summary.get('seeds', []))} seeds)"
@@ -390,6 +385,16 @@ def build_sections(summary: dict, samples: dict) -> list[Section]:
 
 def build_demo_report(summary: dict, samples: dict, path: str | os.PathLike) -> Path:
     """Write the self-contained ``report.html`` of a demo run."""
+    quick = summary.get("config", {}).get("quick")
+    notice = (
+        "--quick run: a small corpus and model, few epochs; a smoke test, not the results "
+        "of the default settings"
+        if quick
+        else None
+    )
     return write_html_report(
-        path, "negpref demo: unlearning fictitious authors", build_sections(summary, samples)
+        path,
+        "negpref demo: unlearning fictitious authors" + (" (--quick)" if quick else ""),
+        build_sections(summary, samples),
+        notice=notice,
     )

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from negpref.report.style import curve_style
+
 COLORS = {
     "GA": "tab:red",
     "GA+RT": "tab:orange",
@@ -29,10 +31,11 @@ def _steps_plot(ax, results: dict, metric: str, title: str, first: int = 0) -> N
     """Mean curve per method with a +-1 standard deviation band, log y-axis, from the
     ``first`` recorded step on."""
     steps = np.asarray(results["steps"][first:])
-    for label, curves in results["methods"].items():
+    for i, (label, curves) in enumerate(results["methods"].items()):
         mean = np.asarray(curves[metric][first:])
         std = np.asarray(curves[f"{metric}_std"][first:])
-        (line,) = ax.plot(steps, mean, color=COLORS.get(label), label=label, lw=1.4)
+        style = curve_style(i, len(steps), dashes=False)  # dashes mark the metric (alpha = 0)
+        (line,) = ax.plot(steps, mean, color=COLORS.get(label), label=label, lw=1.4, **style)
         floor = mean.min() / 10  # keep the band drawable on a log axis
         ax.fill_between(
             steps, np.maximum(mean - std, floor), mean + std, color=line.get_color(), alpha=0.15
@@ -45,13 +48,14 @@ def _steps_plot(ax, results: dict, metric: str, title: str, first: int = 0) -> N
 
 def _pareto_plot(ax, results: dict, title: str) -> None:
     """Retain distance against forget distance along each trajectory (mean over instances)."""
-    for label, curves in results["methods"].items():
+    for i, (label, curves) in enumerate(results["methods"].items()):
         ax.plot(
             curves["forget_distance"],
             curves["retain_distance"],
             color=COLORS.get(label),
             label=label,
             lw=1.4,
+            **curve_style(i, len(curves["forget_distance"])),
         )
     start = results["initial"]
     ax.plot(start["forget_distance"], start["retain_distance"], "ko", ms=4)
@@ -78,8 +82,16 @@ def plot_figure4(results: dict, path: str | Path) -> None:
         fig, (b, pareto) = plt.subplots(1, 2, figsize=(11, 4.2))
         _steps_plot(b, results, "forget_distance", "(b) alpha=0: forget (solid), retain (dashed)")
         b.set_prop_cycle(None)
-        for label, curves in results["methods"].items():
-            b.plot(results["steps"], curves["retain_distance"], "--", color=COLORS.get(label), lw=1)
+        for i, (label, curves) in enumerate(results["methods"].items()):
+            style = curve_style(i, len(results["steps"]), dashes=False)
+            b.plot(
+                results["steps"],
+                curves["retain_distance"],
+                "--",
+                color=COLORS.get(label),
+                lw=1,
+                **style,
+            )
         b.set_ylabel("KL(retrained || unlearned)")
         _pareto_plot(pareto, results, "Pareto curves, alpha=0")
         b.legend(fontsize=8)
@@ -108,9 +120,14 @@ def plot_beta_sweep(results: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     labels = list(results["methods"])
     shades = plt.cm.viridis(np.linspace(0.0, 0.85, max(len(labels) - 1, 1)))
-    for label, shade in zip([lb for lb in labels if lb != "GA"], shades, strict=False):
+    for i, (label, shade) in enumerate(
+        zip([lb for lb in labels if lb != "GA"], shades, strict=False)
+    ):
         curves = results["methods"][label]
-        ax.plot(curves["forget_distance"], curves["retain_distance"], color=shade, label=label)
+        style = curve_style(i, len(curves["forget_distance"]), dashes=False)  # GA is dashed
+        ax.plot(
+            curves["forget_distance"], curves["retain_distance"], color=shade, label=label, **style
+        )
     ga = results["methods"]["GA"]
     ax.plot(ga["forget_distance"], ga["retain_distance"], "--", color="tab:red", lw=2, label="GA")
     start = results["initial"]

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from negpref.config import require
+from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
+from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
 from negpref.errors import NegprefError
-from negpref.unlearn.objectives import FORGET_LOSSES, PRESETS, Objective, canonical_preset
+from negpref.unlearn.objectives import PRESETS, Objective, canonical_preset, forget_loss_for
 
 # Fields that may change between a run and its --resume without changing what it computes.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "save_every", "eval_every", "out", "merge"})
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "out", "merge"}
+)
 
 
 def _help(text: str, **extra) -> dict:
@@ -34,6 +39,14 @@ class UnlearnConfig:
             "weights dtype; auto = float32 weights with bf16 autocast on a bf16 GPU, float32 on "
             "CPU",
             choices=["auto", "float32", "bfloat16", "float16"],
+        ),
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata=_help(
+            "autocast: auto = bf16 on a bf16 GPU with --dtype auto, else none; bf16 = bf16 "
+            "autocast on any device (CPUs with AVX512-BF16/AMX run it natively); no = none",
+            choices=["auto", "bf16", "no"],
         ),
     )
     allow_pickle: bool = field(
@@ -62,6 +75,9 @@ class UnlearnConfig:
     max_length: int = field(
         default=512, metadata=_help("max tokens per sequence; longer answers are truncated")
     )
+    system_prompt: str | None = prompt_field("system_prompt")
+    chat_template: bool = prompt_field("chat_template")
+    fallback_template: str = prompt_field("fallback_template")
     # --- objective ---
     method: str = field(
         default="NPO", metadata=_help("method preset: " + ", ".join(PRESETS) + " (any case)")
@@ -69,7 +85,13 @@ class UnlearnConfig:
     beta: float | None = field(
         default=None, metadata=_help("inverse temperature (preset default: 0.1; SimNPO 2.5)")
     )
-    gamma: float | None = field(default=None, metadata=_help("SimNPO margin (default 0)"))
+    gamma: float | None = field(
+        default=None,
+        metadata=_help(
+            "SimNPO margin (default 0); under --conventions open-unlearning it is their delta "
+            "(margin before beta: gamma = beta * delta)"
+        ),
+    )
     c_forget: float | None = field(
         default=None, metadata=_help("weight of the forget loss (preset default 1)")
     )
@@ -81,6 +103,15 @@ class UnlearnConfig:
     )
     c_fgkl: float | None = field(
         default=None, metadata=_help("weight of the forget KL term K_FG, subtracted (default 0)")
+    )
+    conventions: str = field(
+        default=DEFAULT,
+        metadata=_help(
+            "loss reductions: the NPO paper's, or open-unlearning's (GA / retain NLL token "
+            "mean over the batch, retain KL(ref||policy) over every position, SimNPO delta); "
+            "docs/conventions.md",
+            choices=list(CONVENTIONS),
+        ),
     )
     ref_mode: str = field(
         default="precomputed",
@@ -136,6 +167,10 @@ class UnlearnConfig:
             "checkpoint every N optimizer steps and at the end (0 = each epoch end, -1 = never)"
         ),
     )
+    save_total_limit: int = field(
+        default=2,
+        metadata=_help("checkpoints kept (newest first); resume falls back to an older one"),
+    )
     eval_every: int = field(
         default=0, metadata=_help("run evaluation callbacks every N steps (0 = each epoch end)")
     )
@@ -151,13 +186,16 @@ class UnlearnConfig:
                 f"--method: unknown preset {self.method!r}; choose one of {', '.join(PRESETS)}"
             )
         self.method = method
+        get_conventions(self.conventions)
+        self.prompt_format()  # a bad --fallback-template fails before anything loads
         for name in ("batch_size", "grad_accum", "max_length"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("limit", "eval_every"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
-        require(self.epochs > 0, "epochs", self.epochs, "must be > 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(0 < self.epochs < math.inf, "epochs", self.epochs, "must be > 0 and finite")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
         for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("c_forget", "c_rt", "c_rtkl", "c_fgkl"):
@@ -184,14 +222,19 @@ class UnlearnConfig:
         }
         return dataclasses.replace(self, **fill)
 
+    def prompt_format(self) -> PromptFormat:
+        return prompt_from_config(self)
+
     def objective(self) -> Objective:
         r = self.resolved()
+        conventions = get_conventions(r.conventions)
         return Objective(
-            forget_loss=FORGET_LOSSES[PRESETS[r.method].forget_loss],
+            forget_loss=forget_loss_for(PRESETS[r.method].forget_loss, conventions),
             c_forget=r.c_forget,
             c_rt=r.c_rt,
             c_rtkl=r.c_rtkl,
             c_fgkl=r.c_fgkl,
             beta=r.beta,
             gamma=r.gamma,
+            conventions=conventions,
         )

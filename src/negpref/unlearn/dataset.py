@@ -16,16 +16,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from negpref.data import Encoded, collate, encode_qa, encode_text, load_lines, load_records
+from negpref.data import (
+    DEFAULT_PROMPT,
+    Encoded,
+    PromptFormat,
+    collate,
+    encode_qa,
+    encode_text,
+    load_lines,
+    load_records,
+)
+from negpref.data.records import PROMPT, TEXT, Records, check_kinds, place
 from negpref.errors import NegprefError
 
 QA_FIELDS = ("question", "answer")
+# A question may be a chat message list (``format_prompt``); answers and texts are strings.
+FIELD_KINDS = {"question": PROMPT, "answer": TEXT, "text": TEXT}
 
 
 def _missing(record: dict, fields: tuple[str, ...]) -> list[str]:
@@ -37,35 +50,24 @@ def record_fields(record: dict) -> tuple[str, ...]:
     return ("text",) if "text" in record and "question" not in record else QA_FIELDS
 
 
-def load_qa_file(path: str, what: str) -> list[dict]:
-    """QA or text records from a file; a record missing its fields is named by line."""
-    records = load_records(path, what=what)
+def load_qa(source, what: str, max_length: int | None = None) -> Records:
+    """QA or text records from a file, folder, hub name or Python object (``load_records``),
+    checked: every record holds the fields of the first one's kind, as strings."""
+    records = load_records(source, what=what, max_length=max_length)
     fields = record_fields(records[0])
-    if any(_missing(r, fields) for r in records):
-        load_records(path, required=fields, what=what)  # raises, naming the file line
-    return records
-
-
-def check_qa_records(records: list[dict], what: str) -> list[dict]:
-    """The same checks for records handed over in memory."""
-    if not records:
-        raise NegprefError(f"{what}: no records")
-    fields = record_fields(records[0]) if isinstance(records[0], dict) else QA_FIELDS
     for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise NegprefError(f"{what}[{i}]: expected a dict, got {type(r).__name__}")
         if missing := _missing(r, fields):
             raise NegprefError(
-                f"{what}[{i}]: missing field(s) {', '.join(missing)}; each record needs "
+                f"{records.where(i)}: missing field(s) {', '.join(missing)}; each record needs "
                 f"{', '.join(fields)}"
             )
+    check_kinds(records, {f: FIELD_KINDS[f] for f in fields}, what)
     return records
 
 
-def record_key(record: dict) -> tuple:
-    if "question" in record:
-        return (record["question"], record["answer"])
-    return (record["text"],)
+def record_key(record: dict) -> str:
+    fields = ("question", "answer") if "question" in record else ("text",)
+    return json.dumps([record[f] for f in fields], sort_keys=True)
 
 
 def count_overlap(forget: list[dict], retain: list[dict]) -> int:
@@ -74,7 +76,7 @@ def count_overlap(forget: list[dict], retain: list[dict]) -> int:
     return sum(record_key(r) in retain_keys for r in forget)
 
 
-def forget_weights(records: list[dict]) -> torch.Tensor | None:
+def forget_weights(records: Sequence[dict]) -> torch.Tensor | None:
     """Per-record ``weight`` fields (U2A's weighted unlearning); None when no record has one."""
     if not any("weight" in r for r in records):
         return None
@@ -82,13 +84,21 @@ def forget_weights(records: list[dict]) -> torch.Tensor | None:
     for i, r in enumerate(records):
         w = r.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
-            raise NegprefError(f"forget record {i}: weight must be a finite number >= 0, got {w!r}")
+            raise NegprefError(
+                f"{place(records, i, 'forget records')}: field `weight` must be a finite number "
+                f">= 0, got {w!r}"
+            )
         values.append(float(w))
     return torch.tensor(values, dtype=torch.float32)
 
 
 def _encode_all(
-    tokenizer, records: list[dict], max_length: int, what: str, answers: list[str] | None = None
+    tokenizer,
+    records: list[dict],
+    max_length: int,
+    what: str,
+    prompt: PromptFormat,
+    answers: list[str] | None = None,
 ) -> list[Encoded]:
     encoded = []
     for i, record in enumerate(records):
@@ -97,9 +107,9 @@ def _encode_all(
                 encoded.append(encode_text(tokenizer, record["text"], max_length))
             else:
                 answer = record["answer"] if answers is None else answers[i]
-                encoded.append(encode_qa(tokenizer, record["question"], answer, max_length))
+                encoded.append(encode_qa(tokenizer, record["question"], answer, max_length, prompt))
         except NegprefError as e:
-            raise NegprefError(f"{what} {i}: {e}") from None
+            raise NegprefError(f"{place(records, i, what)}: {e}") from None
     return encoded
 
 
@@ -192,15 +202,16 @@ def build_data(
     idk_answers: list[str] | None,
     max_length: int,
     seed: int,
+    prompt: PromptFormat = DEFAULT_PROMPT,
 ) -> UnlearnData:
-    """Encode every sequence a run may need, once."""
-    encoded_forget = _encode_all(tokenizer, forget, max_length, "forget record")
+    """Encode every sequence a run may need, once, with the questions formatted by ``prompt``."""
+    encoded_forget = _encode_all(tokenizer, forget, max_length, "forget records", prompt)
     refusal: list[Encoded] = []
     if idk_answers:
         choice = np.random.default_rng([seed, 2]).integers(len(idk_answers), size=len(forget))
         answers = [idk_answers[k] for k in choice]
-        refusal = _encode_all(tokenizer, forget, max_length, "forget record", answers)
-    encoded_retain = _encode_all(tokenizer, retain or [], max_length, "retain record")
+        refusal = _encode_all(tokenizer, forget, max_length, "forget records", prompt, answers)
+    encoded_retain = _encode_all(tokenizer, retain or [], max_length, "retain records", prompt)
     return UnlearnData(
         forget=encoded_forget,
         refusal=refusal,
@@ -218,5 +229,5 @@ def build_data(
     )
 
 
-def load_idk(path: str | Path) -> list[str]:
-    return load_lines(path, what="refusal answers")
+def load_idk(path: str | Path, max_length: int | None = None) -> list[str]:
+    return load_lines(path, what="refusal answers", max_length=max_length)

@@ -21,6 +21,7 @@ import torch
 
 from negpref import losses
 from negpref.logprobs import SequenceLogps, sequence_logps
+from negpref.training.devices import new_accelerator
 from negpref.unlearn.config import UnlearnConfig
 from negpref.unlearn.dataset import MicroBatch, UnlearnData
 from negpref.unlearn.objectives import GroupLogps, Objective, StepLogps
@@ -39,11 +40,14 @@ def eval_mode(model):
 
 def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trackers=None):
     """CPU, one GPU (bf16 autocast when supported) or the processes ``accelerate launch`` set."""
-    from accelerate import Accelerator
-
     use_gpu = torch.cuda.is_available() and not config.cpu
-    bf16 = use_gpu and config.dtype == "auto" and torch.cuda.is_bf16_supported()
-    return Accelerator(
+    bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto"
+        and use_gpu
+        and config.dtype == "auto"
+        and torch.cuda.is_bf16_supported()
+    )
+    return new_accelerator(
         cpu=not use_gpu,
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=config.grad_accum,
@@ -91,6 +95,8 @@ def split_groups(
             ("n_tokens", out.n_tokens),
             ("mask", out.mask),
             ("logits", out.logits),
+            ("all_logits", out.all_logits),
+            ("attention_mask", out.attention_mask),
         )
         if value is not None
     }
@@ -138,8 +144,8 @@ class Engine:
         )
         # Not passed to accelerator.prepare: its wrapper steps the schedule once per process.
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
+        # Its state goes into trainer_state.json, not accelerate's pickled custom objects.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
 
     @property
     def precomputed_groups(self) -> tuple[str, ...]:
@@ -223,6 +229,7 @@ class Engine:
             for g, ref_group in ref.items():
                 step[g].ref_logps = ref_group.logps
                 step[g].ref_logits = ref_group.logits
+                step[g].ref_all_logits = ref_group.all_logits
         for g in self.precomputed_groups:
             step[g].ref_logps = micro.ref_logps[g].to(device)
         weights = micro.weights.to(device) if micro.weights is not None else None
@@ -241,7 +248,7 @@ class Engine:
             weight = losses.npo_weight(forget.logps.detach(), forget.ref_logps, self.objective.beta)
             stats["npo/weight"] = weight.mean()
         if "retain" in step:
-            stats["nll/retain"] = losses.nll(step["retain"].logps, step["retain"].n_tokens).detach()
+            stats["nll/retain"] = self.objective.retain_nll(step["retain"]).detach()
         return stats
 
     def train_step(self, step_index: int) -> dict[str, float]:
@@ -286,6 +293,9 @@ class Engine:
         if finite:  # (under DeepSpeed the engine has already stepped inside backward)
             self.optimizer.step()
             self.scheduler.step()
+            # A finite gradient can still overflow the weights (an infinite learning rate).
+            metrics["non_finite_weights"] = not all(torch.isfinite(p).all() for p in self.trainable)
+            finite = not metrics["non_finite_weights"]
         self.optimizer.zero_grad(set_to_none=True)
         metrics["finite"] = finite
         return metrics

@@ -11,7 +11,9 @@ and the config, registered with the sequence groups it reads:
 
 A *preset* names a forget loss and default weights (Table 2 of the NPO paper). Adding a
 method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS`` entry; the engine
-reads only the registries.
+reads only the registries. Under open-unlearning's conventions (``negpref.conventions``) GA
+and SimNPO use the ``OPEN_UNLEARNING_FORGET_LOSSES`` variants and the retain terms are reduced
+as open-unlearning's ``GradDiff`` reduces them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from negpref import losses
+from negpref.conventions import NPO, Conventions
 
 GROUPS = ("forget", "refusal", "retain")
 
@@ -36,6 +39,10 @@ class GroupLogps:
     logits: torch.Tensor | None = None  # [n, T, V] policy logits (KL terms only)
     ref_logits: torch.Tensor | None = None  # [n, T', V] reference logits (KL terms only)
     mask: torch.Tensor | None = None  # [n, T] answer mask aligned with logits
+    # Unshifted [n, T+1, V] logits and the batch's attention mask (open-unlearning's KL)
+    all_logits: torch.Tensor | None = None
+    ref_all_logits: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,12 +70,20 @@ def _ga(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     return losses.ga(s["forget"].logps, s.weights)
 
 
+def _ga_token_mean(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.ga_token_mean(s["forget"].logps, s["forget"].n_tokens, s.weights)
+
+
 def _npo(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     return losses.npo(s["forget"].logps, s["forget"].ref_logps, beta, s.weights)
 
 
 def _simnpo(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     return losses.simnpo(s["forget"].logps, s["forget"].n_tokens, beta, gamma, s.weights)
+
+
+def _simnpo_delta(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.simnpo_delta(s["forget"].logps, s["forget"].n_tokens, beta, gamma, s.weights)
 
 
 def _idk(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
@@ -113,6 +128,27 @@ FORGET_LOSSES: dict[str, ForgetLoss] = {
     ),
     "sft": ForgetLoss(_sft, ("forget",), (), "fine-tune on the records (NLL, descending)"),
 }
+
+
+# Same groups, open-unlearning's reduction, each with the conventions flag that selects it.
+OPEN_UNLEARNING_FORGET_LOSSES: dict[str, tuple[str, ForgetLoss]] = {
+    "ga": (
+        "token_mean_losses",
+        ForgetLoss(_ga_token_mean, ("forget",), (), "gradient ascent, answer-token mean"),
+    ),
+    "simnpo": (
+        "simnpo_margin_scaled",
+        ForgetLoss(_simnpo_delta, ("forget",), (), "SimNPO, margin delta before beta"),
+    ),
+}
+
+
+def forget_loss_for(name: str, conventions: Conventions = NPO) -> ForgetLoss:
+    """The forget loss ``name`` as ``conventions`` compute it."""
+    flag, variant = OPEN_UNLEARNING_FORGET_LOSSES.get(name, (None, None))
+    if flag is not None and getattr(conventions, flag):
+        return variant
+    return FORGET_LOSSES[name]
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,7 @@ class Objective:
     c_fgkl: float
     beta: float
     gamma: float
+    conventions: Conventions = NPO
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -194,12 +231,16 @@ class Objective:
         total = self.c_forget * l_forget
         parts = {"loss/forget": l_forget.detach()}
         if self.c_rt:
-            retain = step["retain"]
-            l_retain = losses.nll(retain.logps, retain.n_tokens)
+            l_retain = self.retain_nll(step["retain"])
             total = total + self.c_rt * l_retain
             parts["loss/retain"] = l_retain.detach()
         if self.c_rtkl:
-            k_retain = _group_kl(step["retain"])
+            retain = step["retain"]
+            k_retain = (
+                _group_kl_all_positions(retain)
+                if self.conventions.kl_all_positions
+                else _group_kl(retain)
+            )
             total = total + self.c_rtkl * k_retain
             parts["loss/retain_kl"] = k_retain.detach()
         if self.c_fgkl:
@@ -207,6 +248,23 @@ class Objective:
             total = total - self.c_fgkl * k_forget
             parts["loss/forget_kl"] = k_forget.detach()
         return total, parts
+
+    def retain_nll(self, retain: GroupLogps) -> torch.Tensor:
+        """``L_RT``: token mean per sequence, averaged (NPO), or over the batch's tokens."""
+        if self.conventions.token_mean_losses:
+            return losses.nll_token_mean(retain.logps, retain.n_tokens)
+        return losses.nll(retain.logps, retain.n_tokens)
+
+
+def _group_kl_all_positions(g: GroupLogps) -> torch.Tensor:
+    """open-unlearning's retain KL: every position of the group's own padded width.
+
+    The group shares one forward with the other groups, so its rows are padded to the widest
+    sequence of any group; cutting to its own longest sequence gives the positions a
+    retain-only batch has (right padding: a row's logits do not depend on the padding after it).
+    """
+    width = int(g.attention_mask.sum(-1).max())
+    return losses.kl_all_positions(g.all_logits[:, :width], g.ref_all_logits[:, :width])
 
 
 def _group_kl(g: GroupLogps) -> torch.Tensor:

@@ -3,14 +3,15 @@
 Reads top to bottom: inputs are checked before anything is written; the run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
 results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
-the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``) and
+the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``; a LoRA
+run from a GGUF file also ``base_model/``, which the adapter names as its base) and
 ``summary.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 import os
 import shutil
@@ -25,23 +26,40 @@ import yaml
 
 from negpref.config import config_to_dict
 from negpref.errors import NegprefError
-from negpref.io import append_jsonl, atomic_write_json, atomic_write_text, check_out_dir
-from negpref.models import ModelSpec, ensure_pad_token, load_model, save_model
-from negpref.unlearn import checkpoint as ckpt
+from negpref.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_dir,
+    read_jsonl_through,
+    recover_replaced,
+    replace_dir,
+    run_dir_lock,
+    stage_path,
+)
+from negpref.models import (
+    ModelSpec,
+    check_lora_targets,
+    check_vocabulary,
+    ensure_pad_token,
+    load_model,
+    save_model,
+)
+from negpref.training import checkpoint as ckpt
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
     UnlearnData,
     build_data,
-    check_qa_records,
     count_overlap,
     load_idk,
-    load_qa_file,
+    load_qa,
     record_fields,
 )
 from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
 from negpref.unlearn.objectives import Objective
 
 REF_CACHE = "reference_logps.safetensors"
+BASE_MODEL_DIR = "base_model"  # a GGUF base, saved for the LoRA adapter to point at
 
 
 @dataclass
@@ -78,8 +96,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
     if forget is None:
         if not config.forget:
             raise NegprefError("--forget: required (a JSON/JSONL file of question/answer records)")
-        forget = load_qa_file(config.forget, "forget records")
-    forget = check_qa_records(list(forget), "forget records")
+        forget = config.forget
+    forget = load_qa(forget, "forget records", config.max_length)
     if config.limit:
         forget = forget[: config.limit]
     groups = objective.groups
@@ -94,7 +112,7 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--idk: method {config.method} needs refusal answers, one per line "
                     "(e.g. tofu/idontknow.jsonl)"
                 )
-            idk = load_idk(config.idk)
+            idk = load_idk(config.idk, config.max_length)
         if not idk:
             raise NegprefError("--idk: no refusal answers given")
     elif idk is not None or config.idk:
@@ -107,8 +125,8 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
                     f"--retain: method {config.method} (c_rt={config.c_rt}, "
                     f"c_rtkl={config.c_rtkl}) needs a retain set"
                 )
-            retain = load_qa_file(config.retain, "retain records")
-        retain = check_qa_records(list(retain), "retain records")
+            retain = config.retain
+        retain = load_qa(retain, "retain records", config.max_length)
         overlap = count_overlap(forget, retain)
         if overlap:
             warnings.append(
@@ -126,6 +144,7 @@ def _load_model(config, model, tokenizer, device):
     if model is not None:
         if tokenizer is None:
             raise NegprefError("run(): pass the tokenizer together with the model")
+        check_vocabulary(model, tokenizer, "run(model=...)")
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
         ensure_pad_token(tokenizer)
         if model.config.pad_token_id is None:
@@ -144,7 +163,7 @@ def _load_model(config, model, tokenizer, device):
     return load_model(spec, device)
 
 
-def _check_resume(out: Path, config_dict: dict) -> Path | None:
+def _check_resume(out: Path, config_dict: dict) -> ckpt.Resumable | None:
     """The checkpoint to continue from, after checking the run used the same settings."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
@@ -152,28 +171,19 @@ def _check_resume(out: Path, config_dict: dict) -> Path | None:
             raise NegprefError(f"--resume: {out} holds no negpref run (no config.yaml)")
         return None
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    # A field added after the run started was at its default then.
+    defaults = config_to_dict(UnlearnConfig())
     changed = [
-        f"{k} ({saved.get(k)!r} -> {v!r})"
+        f"{k} ({saved.get(k, defaults[k])!r} -> {v!r})"
         for k, v in config_dict.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
     ]
     if changed:
         raise NegprefError(
             f"--resume: {out} was started with other settings: {', '.join(changed)}; resume "
             "with the same settings or start a new run"
         )
-    return ckpt.latest_checkpoint(out)
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
-    """Keep the lines logged up to ``last_step`` (a resumed run redoes the later ones)."""
-    if not path.is_file():
-        path.touch()
-        return []
-    kept = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [r for r in kept if r["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+    return ckpt.resumable_checkpoint(out)
 
 
 def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool) -> float:
@@ -200,22 +210,47 @@ def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool)
     return seconds
 
 
-def _save_final(engine: Engine, tokenizer, out: Path, config) -> tuple[Any, dict[str, str]]:
-    """Write the final model (staged, then renamed); return the model to hand back."""
+def _staged(out: Path, name: str, save) -> Path:
+    """``save(folder)`` into ``out/.name.partial``, then renamed to ``out/name``."""
+    target, stage = out / name, out / f".{name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    save(stage)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(stage, target)
+    return target
+
+
+def _save_gguf_base(model, tokenizer, out: Path) -> Path:
+    """The base of a LoRA run loaded from GGUF, as a model folder (safetensors) in the run.
+
+    An adapter records its base model's path, and a GGUF file's folder is not loadable by
+    ``from_pretrained`` (no config.json); the adapter points here instead. Saved before
+    training (the base never changes under LoRA); a resumed run keeps the saved one.
+    """
+    target = out / BASE_MODEL_DIR
+    if not (target / "config.json").is_file():
+        _staged(out, BASE_MODEL_DIR, lambda d: save_model(model, tokenizer, d))
+    return target
+
+
+def _save_final(
+    engine: Engine, tokenizer, out: Path, final_out: Path, config
+) -> tuple[Any, dict[str, str]]:
+    """Write the final model into ``out`` (staged, then renamed); paths are ``final_out``'s."""
     model = engine.unwrapped
     written: dict[str, str] = {}
 
     def staged(name: str, save) -> None:
-        target, stage = out / name, out / f".{name}.partial"
-        shutil.rmtree(stage, ignore_errors=True)
-        save(stage)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(stage, target)
-        written[f"{name}_dir"] = str(target)
+        _staged(out, name, save)
+        written[f"{name}_dir"] = str(final_out / name)
 
     is_main = engine.accelerator.is_main_process
     if config.lora:
         if is_main and config.save_model:
+            if config.gguf:  # what peft's AutoPeftModel* will load as the base
+                base = (final_out / BASE_MODEL_DIR).resolve()
+                model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
+                written["base_model_dir"] = str(final_out / BASE_MODEL_DIR)
             staged("adapter", lambda d: save_model(model, tokenizer, d))
         if config.merge:
             model = model.merge_and_unload()
@@ -229,12 +264,15 @@ def run(
     *,
     model=None,
     tokenizer=None,
-    forget_records: Sequence[dict] | None = None,
-    retain_records: Sequence[dict] | None = None,
+    forget_records=None,
+    retain_records=None,
     idk_answers: Sequence[str] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model`` (or the given model and records).
+
+    ``forget_records`` / ``retain_records``: a list of dicts, a ``datasets.Dataset`` or
+    ``DatasetDict`` (its ``train`` or only split), or a path; they replace the config's files.
 
     ``callbacks``: objects with optional ``on_evaluate(state, model, tokenizer) -> dict``
     (step 0, then every ``eval_every`` steps or each epoch end, and the last step; main
@@ -245,19 +283,64 @@ def run(
     if not config.out:
         raise NegprefError("--out: required (the run directory)")
     out = check_out_dir(config.out, overwrite=config.overwrite, resume=config.resume)
-    config_dict = config_to_dict(config)
-    resume_from = _check_resume(out, config_dict) if config.resume else None
+    # --overwrite builds the new run beside the old one and swaps at the end: a killed or
+    # failed run leaves the old run whole.
+    replacing = config.overwrite and out.is_dir() and any(out.iterdir())
+    work = stage_path(out) if replacing else out
     inputs = _load_inputs(config, objective, forget_records, retain_records, idk_answers)
+    accelerator = make_accelerator(config, project_dir=str(work), trackers=["tensorboard"])
+    with _locked(accelerator, out):
+        result = _train(config, objective, inputs, accelerator, work, model, tokenizer, callbacks)
+        if replacing and accelerator.is_main_process:
+            replace_dir(work, out)
+        accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
+    result.out_dir = out
+    return result
 
-    accelerator = make_accelerator(config, project_dir=str(out), trackers=["tensorboard"])
+
+@contextlib.contextmanager
+def _locked(accelerator, out: Path):
+    """The main process holds the run directory's lock; every process learns if it failed."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(run_dir_lock(out))
+                recover_replaced(out)
+            except NegprefError as e:
+                error = str(e)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise NegprefError(error)
+        yield
+
+
+def _train(config, objective, inputs, accelerator, out, model, tokenizer, callbacks):
+    """The run, in ``out`` (the run directory, or its stage when replacing an old run)."""
+    config_dict = config_to_dict(config)
+    resumable = _check_resume(out, config_dict) if config.resume else None
+    resume_from = resumable.checkpoint if resumable is not None else None
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    if config.lora:
+        check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
+    prompt = config.prompt_format()
     data: UnlearnData = build_data(
-        tokenizer, inputs.forget, inputs.retain, inputs.idk, config.max_length, config.seed
+        tokenizer,
+        inputs.forget,
+        inputs.retain,
+        inputs.idk,
+        config.max_length,
+        config.seed,
+        prompt,
     )
-    warnings = inputs.warnings
+    warnings = inputs.warnings + (resumable.skipped if resumable is not None else [])
     for group, n in data.truncated.items():
         if n:
             warnings.append(
@@ -270,12 +353,15 @@ def run(
 
     is_main = accelerator.is_main_process
     if is_main:
-        if config.overwrite and out.exists():
-            shutil.rmtree(out)
+        if out == stage_path(Path(config.out)):
+            shutil.rmtree(out, ignore_errors=True)  # a stage left by a killed --overwrite run
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     accelerator.wait_for_everyone()
 
+    if is_main and config.lora and config.gguf and config.save_model:
+        _save_gguf_base(model, tokenizer, out)
+    accelerator.wait_for_everyone()
     engine = Engine(config, objective, model, tokenizer, data, accelerator)
     if engine.is_lora:
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
@@ -284,6 +370,7 @@ def run(
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, trainable_only=engine.is_lora)
+        engine.scheduler.load_state_dict(state["scheduler"])
         if state["fingerprint"] != fingerprint:
             raise NegprefError(
                 f"--resume: the data differ from the run's (fingerprint {fingerprint} vs "
@@ -300,6 +387,7 @@ def run(
             "data_position": step * engine.effective_batch,
             "seed": config.seed,
             "fingerprint": fingerprint,
+            "scheduler": engine.scheduler.state_dict(),
         }
 
     def evaluate() -> None:
@@ -321,6 +409,7 @@ def run(
         metrics = engine.train_step(step - 1)
         seconds = time.perf_counter() - t0
         finite, tokens = metrics.pop("finite"), metrics.pop("tokens")
+        weights_finite = not metrics.pop("non_finite_weights", False)
         metrics = {
             "step": step,
             "epoch": round(engine.epoch_of(step), 6),
@@ -330,7 +419,9 @@ def run(
         }
         log.step(metrics)
         if not finite:
-            _stop_non_finite(accelerator, out, step, metrics, trainer_state, config)
+            _stop_non_finite(
+                accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
+            )
         state.step, state.epoch = step, engine.epoch_of(step)
         for cb in callbacks:
             if hasattr(cb, "on_step_end"):
@@ -341,17 +432,26 @@ def run(
         if last or _due(engine, step, config.eval_every):
             evaluate()
         if config.save_every >= 0 and (last or _due(engine, step, config.save_every)):
-            ckpt.save_checkpoint(accelerator, out, step, trainer_state(step))
+            ckpt.save_checkpoint(
+                accelerator,
+                engine.unwrapped,
+                out,
+                step,
+                trainer_state(step),
+                config.save_total_limit,
+            )
     bar.close()
     train_s = time.perf_counter() - train_start
 
-    model, written = _save_final(engine, tokenizer, out, config)
+    model, written = _save_final(engine, tokenizer, out, Path(config.out), config)
     summary = {
         "method": config.method,
         "objective": {
             "forget_loss": objective.forget_loss.description,
             **{k: getattr(config, k) for k in ("c_forget", "c_rt", "c_rtkl", "c_fgkl", "beta")},
         },
+        "conventions": config.conventions,
+        "prompt_format": prompt.describe(tokenizer),
         "steps": engine.total_steps,
         "epochs": config.epochs,
         "effective_batch": engine.effective_batch,
@@ -373,7 +473,6 @@ def run(
     if is_main:
         atomic_write_json(out / "summary.json", summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
     return UnlearnResult(model, tokenizer, out, log.metrics, log.evals, summary)
 
 
@@ -406,8 +505,8 @@ class _RunLog:
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
         if accelerator.is_main_process:
-            self.metrics = _truncate_jsonl(self.metrics_path, keep_through)
-            self.evals = _truncate_jsonl(self.evals_path, keep_through)
+            self.metrics = read_jsonl_through(self.metrics_path, keep_through)
+            self.evals = read_jsonl_through(self.evals_path, keep_through)
         if accelerator.log_with:
             accelerator.init_trackers("tensorboard")
 
@@ -424,19 +523,26 @@ class _RunLog:
         append_jsonl(self.evals_path, record)
 
 
-def _stop_non_finite(accelerator, out, step, metrics, trainer_state, config) -> None:
-    """Keep the weights from before the bad step as a checkpoint; stop naming the step."""
+def _stop_non_finite(
+    accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
+) -> None:
+    """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
     good = ckpt.latest_checkpoint(out)
     if (
-        config.save_every >= 0
+        weights_finite
+        and config.save_every >= 0
         and step > 1
         and (good is None or good.name != f"step-{step - 1:06d}")
-    ):
-        good = ckpt.save_checkpoint(accelerator, out, step - 1, trainer_state(step - 1))
+    ):  # the bad step was not applied: the weights in memory are step - 1's
+        good = ckpt.save_checkpoint(
+            accelerator, engine.unwrapped, out, step - 1, trainer_state(step - 1),
+            config.save_total_limit,
+        )  # fmt: skip
     where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
-    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])}
-    values = ", ".join(f"{k}={v}" for k, v in bad.items())
-    raise NegprefError(
-        f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied, "
-        f"{where}; lower --lr or check the data and model"
-    )
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+    values = ", ".join(f"{k}={metrics[k]}" for k in bad)
+    if weights_finite:
+        what = f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied"
+    else:
+        what = f"step {step} made the weights non-finite (lr={metrics['lr']:g})"
+    raise NegprefError(f"{what}, {where}; lower --lr or check the data and model")

@@ -1,0 +1,1 @@
+"""Paper reproductions built on top of the library; nothing in ``negpref`` imports this package."""
