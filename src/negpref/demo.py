@@ -269,7 +269,8 @@ def environment(jobs: int) -> dict:
         "negpref": __version__,
         "python": platform.python_version(),
         "packages": {name: metadata.version(name) for name in ENVIRONMENT_PACKAGES},
-        "torch_threads": 1,  # every task runs under single_threaded()
+        # run_demo and every task run under single_threaded(): what they all use
+        "torch_threads": torch.get_num_threads(),
         "jobs": jobs,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": _cpu_model(),
