@@ -396,6 +396,8 @@ def test_unwritable_locations_are_refused(tmp_path, capsys):
     [
         (["--unlearn-epochs", "0"], "--unlearn-epochs: must be >= 1"),
         (["--unlearn-lr", "-1"], "--unlearn-lr: must be > 0"),
+        (["--seeds", "1", "2", "1"], "--seeds: repeats a seed"),
+        (["--jobs", "-1"], "--jobs: must be >= 0"),
         (["--n-authors", "3"], "n_authors must be in 10..48"),
     ],
 )
