@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import negpref.demo
 from browser import assert_figures_readable, screenshot
 from negpref.cli import build_parser, main
 from negpref.config import build_config
+from negpref.data.fictitious import generate_corpus
 from negpref.demo import (
     DEFAULT_METHODS,
     DEFAULT_SEEDS,
@@ -24,6 +26,7 @@ from negpref.demo import (
     best_with_utility_kept,
     command_line,
     judge_findings,
+    model_entries,
     over_seeds,
     paper_findings,
     spread,
@@ -281,6 +284,19 @@ def test_worker_pool_keeps_task_order_and_raises_a_task_error(workers):
         assert run(verdict, [(3, 3), (0, 3), (1, 3)]) == ["holds", "does not hold", "mixed"]
         with pytest.raises(ValueError):
             run(spread, [([0.5],), (["not a number"],)])
+
+
+def test_cache_entries_are_per_seed_and_per_cpu(monkeypatch, tmp_path):
+    config = DemoConfig(quick=True)
+    corpus = generate_corpus(config.corpus_config())
+    seed0, seed1 = (model_entries(config, corpus, seed, tmp_path) for seed in (0, 1))
+    assert seed0["target"] != seed1["target"] and seed0["retain"] != seed1["retain"]
+    assert seed0["target"] != seed0["retain"]
+    assert model_entries(config, corpus, 0, tmp_path) == seed0  # a pure function of its inputs
+    # another CPU's kernels train another model: its cached models are not reused here
+    monkeypatch.setattr(negpref.demo, "_cpu_model", lambda: "another CPU")
+    elsewhere = model_entries(config, corpus, 0, tmp_path)
+    assert elsewhere["target"] != seed0["target"] and elsewhere["retain"] != seed0["retain"]
 
 
 def test_command_line_reproduces_the_config():

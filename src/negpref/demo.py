@@ -313,6 +313,8 @@ def _digest(payload: dict) -> str:
 
 
 def _versions() -> dict:
+    """What a cached model depends on besides its settings and code: versions and the CPU
+    (another CPU's kernels train a different model from the same seed)."""
     import tokenizers
     import torch
     import transformers
@@ -322,6 +324,8 @@ def _versions() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "format": CACHE_FORMAT,
     }
 
