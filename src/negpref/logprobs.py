@@ -18,7 +18,8 @@ class SequenceLogps:
     n_tokens: torch.Tensor  # [batch] number of answer tokens
     token_logps: torch.Tensor  # [batch, tokens-1] per-token log-probs (0 off the answer)
     mask: torch.Tensor  # [batch, tokens-1] answer mask aligned with token_logps / logits
-    logits: torch.Tensor | None = None  # [batch, tokens-1, vocab] when asked for (KL terms)
+    targets: torch.Tensor  # [batch, tokens-1] the token each position predicts (input_ids[:, 1:])
+    logits: torch.Tensor | None = None  # [batch, tokens-1, vocab] with keep_logits
     # [batch, tokens, vocab], unshifted (``logits`` is a view of it); with keep_logits
     all_logits: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # [batch, tokens] of the batch
@@ -49,6 +50,7 @@ def sequence_logps(
         n_tokens=mask.sum(-1),
         token_logps=token_logps,
         mask=mask,
+        targets=batch["input_ids"][:, 1:],
         logits=out.logits[:, :-1] if keep_logits else None,
         all_logits=out.logits if keep_logits else None,
         attention_mask=batch["attention_mask"],

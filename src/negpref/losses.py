@@ -1,8 +1,9 @@
-"""The math of every method, as pure functions of per-sequence log-probabilities.
+"""The math of every method, as pure functions of per-sequence or per-token log-probabilities.
 
-Every loss takes 1-D tensors over the batch holding, per sequence, the *sum* of the log-probs
-of the answer tokens (``logprobs.sequence_logps`` produces them), and returns a scalar. Each
-accepts ``weights`` (per-sample, non-negative): the reduction is then ``sum(w*l) / sum(w)``;
+Sequence-level losses take 1-D tensors over the batch holding, per sequence, the *sum* of the
+log-probs of the answer tokens (``logprobs.sequence_logps`` produces them); token-level losses
+(WGA, SatImp, UNDIAL, CE-U) take ``[batch, tokens]`` per-token log-probs or ``[batch, tokens,
+vocab]`` logits with the answer mask. Every loss returns a scalar and accepts ``weights`` (per-sample, non-negative): the reduction is then ``sum(w*l) / sum(w)``;
 without weights it is the plain mean. U2A's weighted unlearning and importance-weighted
 batches go through this single reduction.
 
@@ -24,18 +25,23 @@ import torch.nn.functional as F
 __all__ = [
     "dpo",
     "ga",
+    "ceu",
     "ga_token_mean",
     "kl",
     "kl_all_positions",
     "kto",
+    "masked_token_mean",
     "nll",
     "nll_token_mean",
     "npo",
     "npo_weight",
     "reduce",
+    "satimp",
     "simnpo",
     "simnpo_delta",
     "token_mean",
+    "undial",
+    "wga",
 ]
 
 
@@ -250,3 +256,96 @@ def kl_all_positions(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> t
     ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
     token_kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
     return token_kl.mean().to(policy_logits.dtype)
+
+
+# --- token-level losses ------------------------------------------------------------------------
+# Their papers (and open-unlearning) average over every answer token of the batch; with per-item
+# weights each sequence's tokens carry its weight (``token_mean``).
+
+
+def masked_token_mean(
+    per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``[batch, tokens]`` values over the tokens where ``mask`` is 1 (see token_mean)."""
+    mask = mask.to(per_token.dtype)
+    return token_mean((per_token * mask).sum(-1), mask.sum(-1), weights)
+
+
+def wga(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted gradient ascent (Wang et al. 2025): ``mean_t p_t^beta log p_t``.
+
+    ``p_t^beta`` is detached: it only weighs each token's ascent step, so tokens the model has
+    already forgotten (small ``p_t``) stop pulling, unlike GA's equal weights.
+    """
+    weight = token_logps.detach().exp() ** beta
+    return masked_token_mean(weight * token_logps, mask, weights)
+
+
+def satimp(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    beta1: float = 5.0,
+    beta2: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SatImp (Yang et al. 2025): ``-mean_t p_t^beta1 (1 - p_t)^beta2 CE_t`` with ``CE_t =
+    -log p_t``; the weight (saturation ``p^beta1`` times importance ``(1-p)^beta2``) is
+    detached."""
+    p = token_logps.detach().exp()
+    weight = p**beta1 * (1 - p) ** beta2
+    return masked_token_mean(weight * token_logps, mask, weights)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-position ``-sum_v q_v log softmax(logits)_v`` in float32 (``[batch, tokens]``)."""
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    # q_v = 0 exactly where a target logit is -inf: 0 * log p, never 0 * -inf
+    return -(target_probs * logp).sum(-1)
+
+
+def undial(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 10.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2025): cross-entropy to the reference's next-token distribution with
+    the true token's logit lowered by ``beta``, ``softmax(ref_logits - beta * onehot(y))``.
+
+    ``logits``/``ref_logits`` are ``[batch, tokens, vocab]`` aligned with ``targets`` and
+    ``mask`` (``[batch, tokens]``); the target is a constant (the reference is frozen).
+    """
+    wide = torch.promote_types(ref_logits.dtype, torch.float32)
+    lowered = ref_logits.detach().to(wide).scatter_add(
+        -1,
+        targets.unsqueeze(-1),
+        torch.full(targets.unsqueeze(-1).shape, -float(beta), dtype=wide, device=targets.device),
+    )
+    return masked_token_mean(_soft_cross_entropy(logits, lowered.softmax(-1)), mask, weights)
+
+
+def ceu(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ignore_first: float = 1,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CE-U (Yang et al. 2025): cross-entropy to the model's own next-token distribution with
+    the true token's logit set to -inf (detached), so all mass moves off the true token.
+
+    Answer tokens whose 1-based index in their answer is ``<= ignore_first`` are left out (the
+    paper's footnote: the first answer token is often forced by the question's form).
+    """
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    suppressed = logits.detach().to(wide).scatter(-1, targets.unsqueeze(-1), -math.inf)
+    mask = mask.to(wide)
+    scored = mask * (mask.cumsum(-1) > ignore_first)
+    return masked_token_mean(_soft_cross_entropy(logits, suppressed.softmax(-1)), scored, weights)

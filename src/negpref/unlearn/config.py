@@ -83,13 +83,18 @@ class UnlearnConfig:
         default="NPO", metadata=_help("method preset: " + ", ".join(PRESETS) + " (any case)")
     )
     beta: float | None = field(
-        default=None, metadata=_help("inverse temperature (preset default: 0.1; SimNPO 2.5)")
+        default=None,
+        metadata=_help(
+            "the method's first hyperparameter (preset default): inverse temperature (0.1; "
+            "SimNPO 2.5), WGA's exponent of p (1), SatImp's beta1 (5), UNDIAL's strength (10)"
+        ),
     )
     gamma: float | None = field(
         default=None,
         metadata=_help(
-            "SimNPO margin (default 0); under --conventions open-unlearning it is their delta "
-            "(margin before beta: gamma = beta * delta)"
+            "the method's second hyperparameter (preset default): SimNPO margin (0; under "
+            "--conventions open-unlearning their delta, margin before beta: gamma = beta * "
+            "delta), SatImp's beta2 (1), CE-U's answer tokens left out at the start (1)"
         ),
     )
     c_forget: float | None = field(

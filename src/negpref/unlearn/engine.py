@@ -7,8 +7,8 @@ owns files, checkpoints and callbacks; ``negpref bench step-cost`` times it.
 The reference model is frozen and the forget data fixed, so the reference log-probs of every
 forget/refusal sequence are computed once before training and looked up per step (TRL's
 ``precompute_ref_log_probs``). A live reference forward runs only where it must: for the KL
-terms, which need reference *logits*, and with ``ref_mode="live"``. With LoRA the reference is
-the policy with its adapters switched off; otherwise a live reference is a frozen copy.
+terms and the losses that read reference *logits* (UNDIAL), and with ``ref_mode="live"``. With
+LoRA the reference is the policy with its adapters switched off; otherwise a frozen copy.
 """
 
 from __future__ import annotations
@@ -87,12 +87,14 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def split_groups(
     out: SequenceLogps, groups: tuple[str, ...], sizes: list[int]
 ) -> dict[str, GroupLogps]:
-    """Cut one batched forward back into its sequence groups."""
+    """Cut one batched forward back into its sequence groups (all it computed, per group)."""
     pieces = {
         name: torch.split(value, sizes)
         for name, value in (
             ("logps", out.logps),
             ("n_tokens", out.n_tokens),
+            ("token_logps", out.token_logps),
+            ("targets", out.targets),
             ("mask", out.mask),
             ("logits", out.logits),
             ("all_logits", out.all_logits),
@@ -213,16 +215,15 @@ class Engine:
         objective, device = self.objective, self.accelerator.device
         groups = objective.groups
         batch = self._to_device(micro.collate(groups, self.pad_id))
-        keep_logits = bool(objective.ref_logit_groups)
         step = split_groups(
-            sequence_logps(self.model, batch, keep_logits=keep_logits),
+            sequence_logps(self.model, batch, keep_logits=objective.needs_logits),
             groups,
             micro.sizes(groups),
         )
         if self.live_ref_groups:
             ref_batch = self._to_device(micro.collate(self.live_ref_groups, self.pad_id))
             ref = split_groups(
-                self.reference_forward(ref_batch, keep_logits=keep_logits),
+                self.reference_forward(ref_batch, keep_logits=bool(objective.ref_logit_groups)),
                 self.live_ref_groups,
                 micro.sizes(self.live_ref_groups),
             )
