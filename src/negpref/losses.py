@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ceu",
     "dpo",
     "ga",
-    "ceu",
     "ga_token_mean",
     "kl",
     "kl_all_positions",
@@ -322,12 +322,9 @@ def undial(
     ``logits``/``ref_logits`` are ``[batch, tokens, vocab]`` aligned with ``targets`` and
     ``mask`` (``[batch, tokens]``); the target is a constant (the reference is frozen).
     """
-    wide = torch.promote_types(ref_logits.dtype, torch.float32)
-    lowered = ref_logits.detach().to(wide).scatter_add(
-        -1,
-        targets.unsqueeze(-1),
-        torch.full(targets.unsqueeze(-1).shape, -float(beta), dtype=wide, device=targets.device),
-    )
+    ref = ref_logits.detach().to(torch.promote_types(ref_logits.dtype, torch.float32))
+    index = targets.unsqueeze(-1)
+    lowered = ref.scatter(-1, index, ref.gather(-1, index) - beta)
     return masked_token_mean(_soft_cross_entropy(logits, lowered.softmax(-1)), mask, weights)
 
 
@@ -341,8 +338,8 @@ def ceu(
     """CE-U (Yang et al. 2025): cross-entropy to the model's own next-token distribution with
     the true token's logit set to -inf (detached), so all mass moves off the true token.
 
-    Answer tokens whose 1-based index in their answer is ``<= ignore_first`` are left out (the
-    paper's footnote: the first answer token is often forced by the question's form).
+    Answer tokens whose 1-based index in their answer is ``<= ignore_first`` are left out
+    (default 1: the footnote to the CE-U paper's training settings, as open-unlearning does).
     """
     wide = torch.promote_types(logits.dtype, torch.float32)
     suppressed = logits.detach().to(wide).scatter(-1, targets.unsqueeze(-1), -math.inf)
