@@ -335,7 +335,7 @@ def ceu(
     ignore_first: float = 1,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CE-U (Yang et al. 2025): cross-entropy to the model's own next-token distribution with
+    """CE-U (B. Yang 2025): cross-entropy to the model's own next-token distribution with
     the true token's logit set to -inf (detached), so all mass moves off the true token.
 
     Answer tokens whose 1-based index in their answer is ``<= ignore_first`` are left out

@@ -237,7 +237,7 @@ PRESETS: dict[str, Preset] = {
     "SatImp+RT": Preset("satimp", c_rt=0.1, beta=5.0, gamma=1.0),
     # UNDIAL (Dong et al. 2025): beta is the strength; the paper uses no retain set.
     "UNDIAL": Preset("undial", beta=10.0),
-    # CE-U (Yang et al. 2025): gamma = answer tokens left out at the start of each answer.
+    # CE-U (B. Yang 2025): gamma = answer tokens left out at the start of each answer.
     "CE-U": Preset("ceu", gamma=1.0),
     # Not unlearning: descend the NLL of the `forget` records, i.e. fine-tune on them.
     "SFT": Preset("sft"),
