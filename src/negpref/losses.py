@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "activation_mse",
     "ceu",
     "dpo",
     "ga",
@@ -346,3 +347,23 @@ def ceu(
     mask = mask.to(wide)
     scored = mask * (mask.cumsum(-1) > ignore_first)
     return masked_token_mean(_soft_cross_entropy(logits, suppressed.softmax(-1)), scored, weights)
+
+
+def activation_mse(
+    activations: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMU's activation loss: per sequence the mean over its masked positions of the squared
+    error averaged over the hidden dimension, then reduced over sequences.
+
+    ``activations`` ``[batch, tokens, hidden]``; ``target`` broadcasts to it (RMU's scaled
+    random vector on forget rows, the frozen model's activations on retain rows); ``mask``
+    ``[batch, tokens]`` marks the answer positions.
+    """
+    wide = torch.promote_types(activations.dtype, torch.float32)
+    squared = (activations.to(wide) - target.detach().to(wide)).pow(2).mean(-1)
+    mask = mask.to(wide)
+    per_seq = (squared * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return reduce(per_seq, weights)

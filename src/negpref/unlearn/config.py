@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from negpref.config import require
@@ -118,6 +119,19 @@ class UnlearnConfig:
             choices=list(CONVENTIONS),
         ),
     )
+    hidden_layer: int = field(
+        default=7,
+        metadata=_help(
+            "RMU: the decoder block (0-based, model.layers.N) whose output is steered; 0..blocks-2"
+        ),
+    )
+    trainable_params: list[str] = field(
+        default_factory=lambda: [".*"],
+        metadata=_help(
+            "regexes: train only parameters whose full name matches one (others frozen); "
+            "WMDP's RMU: 'model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight'"
+        ),
+    )
     ref_mode: str = field(
         default="precomputed",
         metadata=_help(
@@ -208,6 +222,12 @@ class UnlearnConfig:
             require(value is None or value >= 0, name, value, "must be >= 0")
         require(self.beta is None or self.beta > 0, "beta", self.beta, "must be > 0")
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        require(self.hidden_layer >= 0, "hidden_layer", self.hidden_layer, "must be >= 0")
+        for pattern in self.trainable_params:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise NegprefError(f"trainable_params: {pattern!r} is not a regex ({e})") from None
         require(not self.merge or self.lora, "merge", self.merge, "needs --lora")
         require(
             not (self.overwrite and self.resume),
@@ -242,4 +262,5 @@ class UnlearnConfig:
             beta=r.beta,
             gamma=r.gamma,
             conventions=conventions,
+            hidden_layer=r.hidden_layer,
         )

@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 
 import torch
 
 from negpref import losses
+from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
 from negpref.training.devices import new_accelerator
 from negpref.unlearn.config import UnlearnConfig
@@ -84,6 +86,34 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def restrict_trainable(model, patterns: list[str]) -> None:
+    """Freeze every parameter whose name fully matches none of ``patterns`` (regexes)."""
+    if patterns == [".*"]:
+        return
+    compiled = [re.compile(p) for p in patterns]
+    kept = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and not any(c.fullmatch(name) for c in compiled):
+            param.requires_grad_(False)
+        kept += param.requires_grad
+    if not kept:
+        names = [n for n, _ in model.named_parameters()][:3]
+        raise NegprefError(
+            f"trainable_params: {patterns} match no trainable parameter name (e.g. {names})"
+        )
+
+
+def check_hidden_layer(model, layer: int) -> None:
+    """The block whose output a hidden-state loss reads must exist and not be the last: the
+    model returns the last block's output only after its final norm."""
+    n_blocks = model.config.num_hidden_layers
+    if not 0 <= layer <= n_blocks - 2:
+        raise NegprefError(
+            f"hidden_layer: {layer} is not a block whose output can be read; this model has "
+            f"{n_blocks} blocks: choose 0..{n_blocks - 2}"
+        )
+
+
 def split_groups(
     out: SequenceLogps, groups: tuple[str, ...], sizes: list[int]
 ) -> dict[str, GroupLogps]:
@@ -98,6 +128,7 @@ def split_groups(
             ("mask", out.mask),
             ("logits", out.logits),
             ("all_logits", out.all_logits),
+            ("hidden", out.hidden),
             ("attention_mask", out.attention_mask),
         )
         if value is not None
@@ -127,10 +158,13 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         if config.lora:
             model = add_lora(model, config)
+        restrict_trainable(model, config.trainable_params)
+        if objective.hidden_groups:
+            check_hidden_layer(model, objective.hidden_layer)
         self.live_ref_groups = tuple(
             g
             for g in objective.groups
-            if g in objective.ref_logit_groups
+            if g in objective.ref_forward_groups
             or (config.ref_mode == "live" and g in objective.ref_logp_groups)
         )
         self.frozen_ref = None
@@ -179,7 +213,9 @@ class Engine:
             model = self.unwrapped
             adapters = model.disable_adapter() if self.is_lora else contextlib.nullcontext()
         with self.accelerator.autocast(), eval_mode(model), adapters:
-            return sequence_logps(model, batch, keep_logits=keep_logits)
+            return sequence_logps(
+                model, batch, keep_logits=keep_logits, hidden_layer=self._hidden_layer(ref=True)
+            )
 
     def precompute_reference(self) -> None:
         """Reference log-probs of every sequence the loss compares, once, before any step.
@@ -207,6 +243,12 @@ class Engine:
             self.data.ref_logps[group] = ref
 
     # --- one step --------------------------------------------------------------------------
+    def _hidden_layer(self, ref: bool) -> int | None:
+        """The block whose activations the policy (or reference) forward returns, if any."""
+        objective = self.objective
+        groups = objective.forget_loss.ref_hidden_groups if ref else objective.hidden_groups
+        return objective.hidden_layer if groups else None
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
@@ -216,7 +258,12 @@ class Engine:
         groups = objective.groups
         batch = self._to_device(micro.collate(groups, self.pad_id))
         step = split_groups(
-            sequence_logps(self.model, batch, keep_logits=objective.needs_logits),
+            sequence_logps(
+                self.model,
+                batch,
+                keep_logits=objective.needs_logits,
+                hidden_layer=self._hidden_layer(ref=False),
+            ),
             groups,
             micro.sizes(groups),
         )
@@ -231,6 +278,7 @@ class Engine:
                 step[g].ref_logps = ref_group.logps
                 step[g].ref_logits = ref_group.logits
                 step[g].ref_all_logits = ref_group.all_logits
+                step[g].ref_hidden = ref_group.hidden
         for g in self.precomputed_groups:
             step[g].ref_logps = micro.ref_logps[g].to(device)
         weights = micro.weights.to(device) if micro.weights is not None else None

@@ -46,6 +46,8 @@ class GroupLogps:
     logits: torch.Tensor | None = None  # [n, T, V] policy logits (needs_logits, KL terms)
     ref_logits: torch.Tensor | None = None  # [n, T', V] reference logits (ref_logit_groups)
     mask: torch.Tensor | None = None  # [n, T] answer mask aligned with logits
+    hidden: torch.Tensor | None = None  # [n, T+1, H] block output (hidden_groups), unshifted
+    ref_hidden: torch.Tensor | None = None  # [n, T'+1, H] same for the reference
     # Unshifted [n, T+1, V] logits and the batch's attention mask (open-unlearning's KL)
     all_logits: torch.Tensor | None = None
     ref_all_logits: torch.Tensor | None = None
@@ -73,6 +75,8 @@ class ForgetLoss:
     description: str = ""
     needs_logits: bool = False  # reads the policy logits of its groups
     ref_logit_groups: tuple[str, ...] = ()  # groups whose reference logits it reads
+    hidden_groups: tuple[str, ...] = ()  # groups whose block-``hidden_layer`` output it reads
+    ref_hidden_groups: tuple[str, ...] = ()  # same under the reference (a live forward)
 
 
 def _ga(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
@@ -140,6 +144,30 @@ def _undial(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     )
 
 
+def rmu_control_vector(dim: int, steering_coeff: float) -> torch.Tensor:
+    """RMU's fixed direction: a uniform random vector (as the WMDP code draws it) scaled to
+    norm ``steering_coeff``; seeded, so every process and every resumed run has the same."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (u / u.norm() * steering_coeff).float()
+
+
+def _answer_positions(g: GroupLogps) -> torch.Tensor:
+    """The unshifted answer mask ``[n, T+1]`` of hidden states: token t+1 is an answer token
+    where the shifted ``mask`` has position t (a prompt always precedes the answer)."""
+    return torch.nn.functional.pad(g.mask, (1, 0))
+
+
+def _rmu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    forget, retain = s["forget"], s["retain"]
+    control = rmu_control_vector(forget.hidden.shape[-1], beta).to(forget.hidden.device)
+    misdirect = losses.activation_mse(forget.hidden, control, _answer_positions(forget), s.weights)
+    width = retain.ref_hidden.shape[1]  # the reference batch holds fewer groups
+    keep = losses.activation_mse(
+        retain.hidden[:, :width], retain.ref_hidden, _answer_positions(retain)[:, :width]
+    )
+    return misdirect + gamma * keep
+
+
 def _ceu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     f = s["forget"]
     return losses.ceu(f.logits, f.targets, f.mask, gamma, s.weights)
@@ -167,6 +195,13 @@ FORGET_LOSSES: dict[str, ForgetLoss] = {
         description="distil the reference with the true token's logit lowered by beta",
         needs_logits=True,
         ref_logit_groups=("forget",),
+    ),
+    "rmu": ForgetLoss(
+        _rmu,
+        ("forget", "retain"),
+        description="forget activations to a scaled random vector, retain ones to the reference",
+        hidden_groups=("forget", "retain"),
+        ref_hidden_groups=("retain",),
     ),
     "ceu": ForgetLoss(
         _ceu,
@@ -239,6 +274,9 @@ PRESETS: dict[str, Preset] = {
     "UNDIAL": Preset("undial", beta=10.0),
     # CE-U (B. Yang 2025): gamma = answer tokens left out at the start of each answer.
     "CE-U": Preset("ceu", gamma=1.0),
+    # RMU (Li et al. 2024, WMDP) with open-unlearning's TOFU setting: beta = steering
+    # coefficient 2, gamma = retain activation weight 1 (layer: config.hidden_layer, 7).
+    "RMU": Preset("rmu", beta=2.0, gamma=1.0),
     # Not unlearning: descend the NLL of the `forget` records, i.e. fine-tune on them.
     "SFT": Preset("sft"),
 }
@@ -262,6 +300,7 @@ class Objective:
     beta: float
     gamma: float
     conventions: Conventions = NPO
+    hidden_layer: int = 7  # decoder block whose output hidden-state losses read (RMU)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -284,6 +323,17 @@ class Objective:
         forward)."""
         kl_groups = {g for g, c in (("forget", self.c_fgkl), ("retain", self.c_rtkl)) if c}
         needed = kl_groups | set(self.forget_loss.ref_logit_groups)
+        return tuple(g for g in GROUPS if g in needed)
+
+    @property
+    def hidden_groups(self) -> tuple[str, ...]:
+        """Groups whose block-``hidden_layer`` activations the loss reads (policy forward)."""
+        return self.forget_loss.hidden_groups
+
+    @property
+    def ref_forward_groups(self) -> tuple[str, ...]:
+        """Groups a live reference forward must run on: reference logits or activations."""
+        needed = set(self.ref_logit_groups) | set(self.forget_loss.ref_hidden_groups)
         return tuple(g for g in GROUPS if g in needed)
 
     @property
