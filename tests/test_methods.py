@@ -174,6 +174,18 @@ def test_ceu_is_cross_entropy_to_the_own_distribution_without_the_true_token(ign
     )
 
 
+def test_undial_of_the_policy_itself_tends_to_ceu():
+    """With the policy as its own reference and strength -> inf, UNDIAL's target is CE-U's
+    (the true token's probability e^-beta: 0 in float64 at beta 1e4)."""
+    mask = torch.ones(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        losses.undial(LOGITS, LOGITS, TARGETS, mask, 1e4),
+        losses.ceu(LOGITS, TARGETS, mask, 0),
+        atol=ATOL64,
+        rtol=0,
+    )
+
+
 def test_token_level_losses_weigh_each_sequences_tokens():
     """Per-item weights (U2A): sequence i's tokens count w_i times; weight 0 drops a row."""
     mask = torch.ones(2, 3, dtype=torch.float64)
