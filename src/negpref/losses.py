@@ -3,9 +3,10 @@
 Sequence-level losses take 1-D tensors over the batch holding, per sequence, the *sum* of the
 log-probs of the answer tokens (``logprobs.sequence_logps`` produces them); token-level losses
 (WGA, SatImp, UNDIAL, CE-U) take ``[batch, tokens]`` per-token log-probs or ``[batch, tokens,
-vocab]`` logits with the answer mask. Every loss returns a scalar and accepts ``weights`` (per-sample, non-negative): the reduction is then ``sum(w*l) / sum(w)``;
-without weights it is the plain mean. U2A's weighted unlearning and importance-weighted
-batches go through this single reduction.
+vocab]`` logits with the answer mask, RMU's ``activation_mse`` a block's activations. Every
+loss returns a scalar and accepts ``weights`` (per-sample, non-negative): the reduction is then
+``sum(w*l) / sum(w)`` (token-level: ``token_mean``); without weights it is the plain mean.
+U2A's weighted unlearning and importance-weighted batches go through this single reduction.
 
 Sign conventions follow the NPO paper: every function is a quantity to *minimise*.
 ``ga`` returns ``E[log pi(y|x)]``, so minimising it ascends the forget-set NLL.

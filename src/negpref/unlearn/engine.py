@@ -7,8 +7,9 @@ owns files, checkpoints and callbacks; ``negpref bench step-cost`` times it.
 The reference model is frozen and the forget data fixed, so the reference log-probs of every
 forget/refusal sequence are computed once before training and looked up per step (TRL's
 ``precompute_ref_log_probs``). A live reference forward runs only where it must: for the KL
-terms and the losses that read reference *logits* (UNDIAL), and with ``ref_mode="live"``. With
-LoRA the reference is the policy with its adapters switched off; otherwise a frozen copy.
+terms and the losses that read reference *logits* (UNDIAL) or activations (RMU), and with
+``ref_mode="live"``. With LoRA the reference is the policy with its adapters switched off;
+otherwise a frozen copy.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 def restrict_trainable(model, patterns: list[str]) -> None:
     """Freeze every parameter whose name fully matches none of ``patterns`` (regexes)."""
-    if patterns == [".*"]:
+    if patterns == [".*"]:  # the default: nothing to freeze
         return
     compiled = [re.compile(p) for p in patterns]
     kept = 0
@@ -205,7 +206,9 @@ class Engine:
 
     # --- reference -------------------------------------------------------------------------
     @torch.no_grad()
-    def reference_forward(self, batch: dict[str, torch.Tensor], keep_logits: bool):
+    def reference_forward(
+        self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
+    ):
         """Log-probs under the frozen reference (before training: the policy itself)."""
         if self.frozen_ref is not None:
             model, adapters = self.frozen_ref, contextlib.nullcontext()
@@ -213,9 +216,7 @@ class Engine:
             model = self.unwrapped
             adapters = model.disable_adapter() if self.is_lora else contextlib.nullcontext()
         with self.accelerator.autocast(), eval_mode(model), adapters:
-            return sequence_logps(
-                model, batch, keep_logits=keep_logits, hidden_layer=self._hidden_layer(ref=True)
-            )
+            return sequence_logps(model, batch, keep_logits=keep_logits, hidden_layer=hidden_layer)
 
     def precompute_reference(self) -> None:
         """Reference log-probs of every sequence the loss compares, once, before any step.
@@ -243,11 +244,9 @@ class Engine:
             self.data.ref_logps[group] = ref
 
     # --- one step --------------------------------------------------------------------------
-    def _hidden_layer(self, ref: bool) -> int | None:
-        """The block whose activations the policy (or reference) forward returns, if any."""
-        objective = self.objective
-        groups = objective.forget_loss.ref_hidden_groups if ref else objective.hidden_groups
-        return objective.hidden_layer if groups else None
+    def _hidden_layer(self, groups: tuple[str, ...]) -> int | None:
+        """The block whose activations a forward returns: only where ``groups`` need them."""
+        return self.objective.hidden_layer if groups else None
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -262,7 +261,7 @@ class Engine:
                 self.model,
                 batch,
                 keep_logits=objective.needs_logits,
-                hidden_layer=self._hidden_layer(ref=False),
+                hidden_layer=self._hidden_layer(objective.hidden_groups),
             ),
             groups,
             micro.sizes(groups),
@@ -270,7 +269,11 @@ class Engine:
         if self.live_ref_groups:
             ref_batch = self._to_device(micro.collate(self.live_ref_groups, self.pad_id))
             ref = split_groups(
-                self.reference_forward(ref_batch, keep_logits=bool(objective.ref_logit_groups)),
+                self.reference_forward(
+                    ref_batch,
+                    keep_logits=bool(objective.ref_logit_groups),
+                    hidden_layer=self._hidden_layer(objective.ref_hidden_groups),
+                ),
                 self.live_ref_groups,
                 micro.sizes(self.live_ref_groups),
             )

@@ -331,9 +331,14 @@ class Objective:
         return self.forget_loss.hidden_groups
 
     @property
+    def ref_hidden_groups(self) -> tuple[str, ...]:
+        """Groups whose reference activations the loss reads (a live reference forward)."""
+        return self.forget_loss.ref_hidden_groups
+
+    @property
     def ref_forward_groups(self) -> tuple[str, ...]:
         """Groups a live reference forward must run on: reference logits or activations."""
-        needed = set(self.ref_logit_groups) | set(self.forget_loss.ref_hidden_groups)
+        needed = set(self.ref_logit_groups) | set(self.ref_hidden_groups)
         return tuple(g for g in GROUPS if g in needed)
 
     @property
