@@ -10,15 +10,18 @@ method's two hyperparameters ``beta`` and ``gamma``, registered with what it rea
   answer, the RT and retain-KL terms);
 - of each group, the engine always provides per-sequence log-probs, per-token log-probs, the
   answer mask and the target ids; the *policy logits* only where ``needs_logits``; reference
-  log-probs for ``ref_groups`` (precomputed once) and reference logits for
-  ``ref_logit_groups`` (a live reference forward every step).
+  log-probs for ``ref_groups`` (precomputed once), reference logits for ``ref_logit_groups``
+  and the output of decoder block ``hidden_layer`` for ``hidden_groups`` (policy) and
+  ``ref_hidden_groups`` (reference); a reference forward runs live, every step, only for
+  those last two.
 
 A *preset* names a forget loss and default weights (Table 2 of the NPO paper, or the method's
 paper). Adding a method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS``
 entry; the engine reads only the registries. Under open-unlearning's conventions
 (``negpref.conventions``) GA and SimNPO use the ``OPEN_UNLEARNING_FORGET_LOSSES`` variants and
 the retain terms are reduced as open-unlearning's ``GradDiff`` reduces them; the token-level
-methods (WGA, SatImp, UNDIAL, CE-U) have one definition, a mean over the batch's answer tokens.
+methods (WGA, SatImp, UNDIAL, CE-U) have one definition, a mean over the batch's answer tokens,
+and so has RMU.
 """
 
 from __future__ import annotations
