@@ -557,10 +557,28 @@ def test_trainable_params_restrict_what_moves(tmp_path, tok, records, memorized)
 
 def test_rmu_bad_layer_and_patterns_are_one_line_errors(tmp_path, tok, records):
     from negpref.errors import NegprefError
+    from negpref.unlearn.engine import check_model_settings
+
+    model = tiny_llama(len(tok), seed=0)
+
+    def check(**changes):
+        cfg = config(tmp_path, **changes)
+        check_model_settings(model, cfg, cfg.objective())
 
     with pytest.raises(NegprefError, match=r"hidden_layer: 1 .* 2 blocks: choose 0\.\.0"):
-        make_engine(config(tmp_path, method="RMU", hidden_layer=1), tok, records)
+        check(method="RMU", hidden_layer=1)
     with pytest.raises(NegprefError, match=r"trainable_params: .* match no trainable parameter"):
-        make_engine(config(tmp_path, method="GA", trainable_params=["nothing"]), tok, records)
+        check(method="GA", trainable_params=["nothing"])
+    check(method="GA", lora=True, trainable_params=[".*lora_A.*"])  # adapter names: not yet
+    assert all(p.requires_grad for p in model.parameters())  # checking changed nothing
+    with pytest.raises(NegprefError, match="hidden_layer: 7"):  # the engine checks too
+        make_engine(config(tmp_path, method="RMU"), tok, records)
     with pytest.raises(NegprefError, match="trainable_params: '\\(' is not a regex"):
         config(tmp_path, trainable_params=["("])
+
+
+def test_trainable_params_name_lora_adapters(tmp_path, tok, records):
+    cfg = config(tmp_path, method="GA", lora=True, trainable_params=[".*lora_A.*"])
+    engine = make_engine(cfg, tok, records)
+    trained = [n for n, p in engine.unwrapped.named_parameters() if p.requires_grad]
+    assert trained and all("lora_A" in n for n in trained)

@@ -87,32 +87,36 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+def check_model_settings(model, config: UnlearnConfig, objective: Objective) -> None:
+    """Settings only the loaded model can check, one line each and without side effects, so a
+    caller can check them before writing anything. ``Engine`` checks again on the model it
+    trains: with ``lora`` the parameter names are known once the adapters exist."""
+    if objective.hidden_groups:
+        n_blocks = model.config.num_hidden_layers
+        if not 0 <= objective.hidden_layer <= n_blocks - 2:
+            # the model returns the last block's output only after its final norm
+            raise NegprefError(
+                f"hidden_layer: {objective.hidden_layer} is not a block whose output can be "
+                f"read; this model has {n_blocks} blocks: choose 0..{n_blocks - 2}"
+            )
+    adapters_pending = config.lora and not hasattr(model, "peft_config")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not adapters_pending and not any(_matches(n, config.trainable_params) for n in trainable):
+        raise NegprefError(
+            f"trainable_params: {config.trainable_params} match no trainable parameter name "
+            f"(e.g. {trainable[:3]})"
+        )
+
+
 def restrict_trainable(model, patterns: list[str]) -> None:
     """Freeze every parameter whose name fully matches none of ``patterns`` (regexes)."""
-    if patterns == [".*"]:  # the default: nothing to freeze
-        return
-    compiled = [re.compile(p) for p in patterns]
-    kept = 0
     for name, param in model.named_parameters():
-        if param.requires_grad and not any(c.fullmatch(name) for c in compiled):
+        if param.requires_grad and not _matches(name, patterns):
             param.requires_grad_(False)
-        kept += param.requires_grad
-    if not kept:
-        names = [n for n, _ in model.named_parameters()][:3]
-        raise NegprefError(
-            f"trainable_params: {patterns} match no trainable parameter name (e.g. {names})"
-        )
-
-
-def check_hidden_layer(model, layer: int) -> None:
-    """The block whose output a hidden-state loss reads must exist and not be the last: the
-    model returns the last block's output only after its final norm."""
-    n_blocks = model.config.num_hidden_layers
-    if not 0 <= layer <= n_blocks - 2:
-        raise NegprefError(
-            f"hidden_layer: {layer} is not a block whose output can be read; this model has "
-            f"{n_blocks} blocks: choose 0..{n_blocks - 2}"
-        )
 
 
 def split_groups(
@@ -159,9 +163,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         if config.lora:
             model = add_lora(model, config)
+        check_model_settings(model, config, objective)
         restrict_trainable(model, config.trainable_params)
-        if objective.hidden_groups:
-            check_hidden_layer(model, objective.hidden_layer)
         self.live_ref_groups = tuple(
             g
             for g in objective.groups

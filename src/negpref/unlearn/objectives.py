@@ -12,8 +12,8 @@ method's two hyperparameters ``beta`` and ``gamma``, registered with what it rea
   answer mask and the target ids; the *policy logits* only where ``needs_logits``; reference
   log-probs for ``ref_groups`` (precomputed once), reference logits for ``ref_logit_groups``
   and the output of decoder block ``hidden_layer`` for ``hidden_groups`` (policy) and
-  ``ref_hidden_groups`` (reference); a reference forward runs live, every step, only for
-  those last two.
+  ``ref_hidden_groups`` (reference). Reference logits and activations take a live reference
+  forward every step.
 
 A *preset* names a forget loss and default weights (Table 2 of the NPO paper, or the method's
 paper). Adding a method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS``
