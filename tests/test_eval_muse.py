@@ -267,3 +267,14 @@ def test_cli_bad_muse_input_is_one_line(tmp_path, capsys):
     assert main([*base, str(tmp_path / "o3"), *retain]) == 2
     assert "not MUSE logs" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_cli_model_attacks_without_nonmembers_are_refused(tmp_path, capsys):
+    paths = tofu_as_muse(tmp_path, n=1)
+    argv = ["eval", "--benchmark", "muse", "--model", str(tmp_path / "none"), "--out"]
+    argv += [str(tmp_path / "o"), "--forget-text", str(paths["forget_text"]), "--mia-gradnorm"]
+    assert main(argv) == 2
+    assert (
+        "--mia-gradnorm: membership inference needs non-members; give --holdout-text"
+        in (capsys.readouterr().err.strip().splitlines()[-1])
+    )

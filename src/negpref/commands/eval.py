@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from negpref.config import add_config_arguments, build_config, config_to_dict, require
 from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
 from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
+from negpref.errors import NegprefError
 from negpref.eval import alignment
 from negpref.eval import muse as muse_defaults
 from negpref.eval.open_unlearning import FORMATS
@@ -262,6 +263,23 @@ def run_aggregate(args) -> int:
     return 0
 
 
+def _check_attack_nonmembers(config: EvalConfig, have_nonmembers: bool, how: str) -> None:
+    """The reference / GradNorm attacks score members against non-members: refuse them
+    without any, rather than load a second model for nothing."""
+    asked = [
+        f
+        for f, on in (
+            ("--mia-ref-model", config.mia_ref_model),
+            ("--mia-gradnorm", config.mia_gradnorm),
+        )
+        if on
+    ]
+    if asked and not have_nonmembers:
+        raise NegprefError(
+            f"{' and '.join(asked)}: membership inference needs non-members; give {how}"
+        )
+
+
 def _load_models(config: EvalConfig):
     """The evaluated model and tokenizer, the KL reference and the MIA reference (or None)."""
     from negpref.models import ModelSpec, load_model
@@ -310,6 +328,7 @@ def run_eval(args) -> int:
         retain_logs = load_logs(config.retain_logs, "--retain-logs")
         check_logs(retain_logs, f"--retain-logs {config.retain_logs}")
         check_retain_logs_match_sets(retain_logs, sets, f"--retain-logs {config.retain_logs}")
+    _check_attack_nonmembers(config, sets.holdout is not None, "--holdout FILE (or holdoutNN.json)")
 
     model, tokenizer, ref_model, mia_ref_model = _load_models(config)
     start = time.perf_counter()
@@ -363,6 +382,7 @@ def run_muse(config: EvalConfig, as_json: bool) -> int:
         config.sample_seed,
     )
     retain_logs = muse.load_muse_logs(config.retain_logs) if config.retain_logs else None
+    _check_attack_nonmembers(config, sets.holdout_text is not None, "--holdout-text FILE")
     model, tokenizer, _, mia_ref_model = _load_models(config)
     start = time.perf_counter()
     logs = muse.evaluate_muse(
