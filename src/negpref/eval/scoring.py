@@ -133,7 +133,7 @@ def score_encoded(
             min_k = mia.min_k_scores(out.token_logps, min_k_mask, mia_k)
             min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, min_k_mask, mia_k)
         if memorization:
-            matches = memorization_matches(out, batch)
+            matches = greedy_matches(out.logits, batch["input_ids"][:, 1:], out.mask)
             item_em = exact_memorization(matches, out.mask)
             item_es = extraction_strength(matches, out.mask)
         for row, i in enumerate(chunk):
@@ -166,11 +166,6 @@ def score_encoded(
         exact_memorization=em,
         extraction_strength=es,
     )
-
-
-def memorization_matches(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Greedy-prediction hits on the scored tokens of a forward kept with its logits."""
-    return greedy_matches(out.logits, batch["input_ids"][:, 1:], out.mask)
 
 
 def gradnorm_scores(
