@@ -309,3 +309,17 @@ def test_align_refuses_a_locked_out_dir(align_setup, tmp_path):
     out = tmp_path / "run"
     with run_dir_lock(out), pytest.raises(NegprefError, match="another negpref run"):
         align_run.run(AlignConfig(**base, out=str(out)))
+
+
+def test_a_stage_left_by_a_killed_run_is_swept_by_the_next_one(tmp_path):
+    from negpref.io import staged_out_dir
+
+    out = tmp_path / "run"
+    stale = stage_path(out)
+    stale.mkdir()
+    (stale / "half.json").write_text("{")  # a kill mid-run, before any checkpoint
+    with staged_out_dir(out) as stage:
+        assert stage == stale and not (stage / "half.json").exists()
+        (stage / "done.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stage, no lock file left
+    assert (out / "done.json").is_file()

@@ -137,3 +137,14 @@ def test_align_reports(tmp_path, capsys):
     path.parent.mkdir()
     write_report(path, AlignConfig(), summary, history)
     assert_figures_readable(path, tmp_path, n_figures=1)
+
+
+def test_align_compare_report(tmp_path, capsys):
+    out = tmp_path / "compare"
+    argv = [
+        "align", "compare", "--seeds", "0", "--variants", "dpo", "mcpo", "--steps", "2",
+        "--eval-every", "1", "--records", "8", "--k", "2", "--batch-size", "4",
+        "--sft-steps", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert_figures_readable(out / "report.html", tmp_path, n_figures=1)

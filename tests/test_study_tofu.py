@@ -30,7 +30,7 @@ def test_authors_are_tofus_last_for_forgetting_and_unseen_for_the_holdout():
     train_questions = {r["question"] for r in data.train}
     assert not train_questions & {r["question"] for r in data.sets.holdout.records}
     assert {r["question"] for r in data.sets.retain.records} <= train_questions
-    assert len(data.sets.forget) == 20 and len(data.sets.retain) == 20  # eval_limit 20
+    assert len(data.sets.forget) == 20 and len(data.sets.retain) == 10  # eval_limit 10
 
 
 def test_bad_settings_name_the_field():

@@ -79,9 +79,9 @@ class TofuStudyConfig:
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS), metadata=_help("unlearning presets")
     )
-    finetune_epochs: float = field(default=5.0, metadata=_help("epochs of target/retain SFT"))
+    finetune_epochs: float = field(default=3.0, metadata=_help("epochs of target/retain SFT"))
     finetune_lr: float = field(default=1e-4, metadata=_help("peak learning rate of the SFT"))
-    epochs: float = field(default=5.0, metadata=_help("unlearning epochs over the forget set"))
+    epochs: float = field(default=4.0, metadata=_help("unlearning epochs over the forget set"))
     lr: float = field(default=5e-5, metadata=_help("peak unlearning learning rate"))
     beta: float = field(default=0.1, metadata=_help("beta of NPO/DPO/KTO (SimNPO keeps 2.5)"))
     batch_size: int = field(default=4, metadata=_help("items per micro-batch"))
@@ -89,9 +89,9 @@ class TofuStudyConfig:
     lora: bool = field(default=False, metadata=_help("unlearn LoRA adapters, not all weights"))
     max_length: int = field(default=256, metadata=_help("max tokens of question + answer"))
     eval_limit: int = field(
-        default=20, metadata=_help("items of each utility set evaluated (0: all)")
+        default=10, metadata=_help("items of each utility set evaluated (0: all)")
     )
-    max_new_tokens: int = field(default=64, metadata=_help("greedy tokens for ROUGE"))
+    max_new_tokens: int = field(default=48, metadata=_help("greedy tokens for ROUGE"))
     eval_batch_size: int = field(default=16, metadata=_help("evaluation batch size"))
     mixed_precision: str = field(
         default="bf16", metadata=_help("bf16 autocast or fp32 ('no')", choices=["bf16", "no"])
