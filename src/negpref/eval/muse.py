@@ -411,7 +411,7 @@ def aggregate_muse(
             counts[name] = {"items": len(logs[name]["avg_loss"])}
     result["counts"] = counts
     if skipped:
-        result["verbmem_skipped"] = f"texts {short_list(skipped)}: shorter than the prefix"
+        result["verbmem_skipped"] = f"texts {short_list(skipped)}: no token after the prefix"
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
     }
