@@ -20,7 +20,7 @@ from negpref.eval.muse import (
     load_muse_logs,
     verbmem_item,
 )
-from negpref.eval.scoring import score_texts
+from negpref.eval.scoring import score_encoded
 from negpref.models import build_tokenizer, save_model, tiny_llama
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -165,8 +165,16 @@ def test_verbmem_generation_equals_a_manual_greedy_loop(untrained, tokenizer, se
     [f1], _ = metrics.rouge_l_scores([truth], [generation])
     assert logs["verbmem_forget"]["rougeL_f1"]["1"] == f1
     # The privacy-leakage scores are the text attacks on whole texts, and their AUC.
-    forget = score_texts(untrained, tokenizer, FORGET, mia_k=0.2)
-    holdout = score_texts(untrained, tokenizer, HOLDOUT, mia_k=0.2)
+    forget, holdout = (
+        score_encoded(
+            untrained,
+            tokenizer.pad_token_id,
+            [encode_text(tokenizer, t, 256) for t in texts],
+            texts,
+            mia_k=0.2,
+        )
+        for texts in (FORGET, HOLDOUT)
+    )
     assert list(logs["privleak_forget"]["mia_min_k"].values()) == pytest.approx(forget.mia["min_k"])
     assert aggregate_muse(logs)["mia/min_k"] == pytest.approx(
         mia_auc(forget.mia["min_k"], holdout.mia["min_k"])

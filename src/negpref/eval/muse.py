@@ -33,7 +33,7 @@ from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_continue, greedy_generate
 from negpref.eval.mia import mia_auc, privleak
-from negpref.eval.scoring import model_attack_scores, score_encoded, score_texts
+from negpref.eval.scoring import model_attack_scores, score_encoded
 from negpref.eval.tofu import subsample
 from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC, META_KEY, short_list
 
@@ -235,18 +235,17 @@ def _privleak_log(
     model, tokenizer, texts: MuseSet, mia_k, batch_size, conventions, attack_models, desc
 ) -> dict[str, dict]:
     plain = [r["text"] for r in texts.records]
-    options = dict(batch_size=batch_size, max_length=MAX_LENGTH)
-    scores = score_texts(
-        model, tokenizer, plain, mia_k=mia_k, conventions=conventions, desc=desc, **options
+    encoded = [encode_text(tokenizer, t, MAX_LENGTH) for t in plain]
+    pad_id = tokenizer.pad_token_id
+    scores = score_encoded(
+        model, pad_id, encoded, plain, batch_size, mia_k=mia_k, conventions=conventions, desc=desc
     )
+    attacks = {
+        **scores.mia,
+        **model_attack_scores(model, pad_id, encoded, plain, scores, batch_size, **attack_models),
+    }
     log = {"avg_loss": dict(zip(texts.keys, scores.avg_losses))}
-    log.update({f"mia_{a}": dict(zip(texts.keys, v)) for a, v in scores.mia.items()})
-    if attack_models["mia_ref_model"] is not None or attack_models["gradnorm"]:
-        encoded = [encode_text(tokenizer, t, MAX_LENGTH) for t in plain]
-        extra = model_attack_scores(
-            model, tokenizer.pad_token_id, encoded, plain, scores, batch_size, **attack_models
-        )
-        log.update({f"mia_{a}": dict(zip(texts.keys, v)) for a, v in extra.items()})
+    log.update({f"mia_{a}": dict(zip(texts.keys, v)) for a, v in attacks.items()})
     return log
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from negpref import losses
 from negpref.conventions import NPO, Conventions, get_conventions
-from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, collate, encode_qa, encode_text
+from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, collate, encode_qa
 from negpref.errors import NegprefError
 from negpref.eval import mia
 from negpref.eval.memorization import exact_memorization, extraction_strength, greedy_matches
@@ -83,15 +83,6 @@ def score_answers(
         conventions=conventions,
         memorization=memorization,
     )
-
-
-def score_texts(
-    model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 2048, **options
-) -> AnswerScores:
-    """Score plain texts (every token after BOS, ``data.encode_text``); options as
-    :func:`score_encoded`."""
-    encoded = [encode_text(tokenizer, t, max_length) for t in texts]
-    return score_encoded(model, tokenizer.pad_token_id, encoded, texts, batch_size, **options)
 
 
 @torch.no_grad()
