@@ -19,6 +19,8 @@ from negpref.eval.scoring import gradnorm_scores, score_answers
 from negpref.eval.tofu_logs import FORGET_FILE, HOLDOUT_FILE, write_logs
 from negpref.models import build_tokenizer, tiny_llama
 
+# pytest.approx's default (1e-6 relative) only compares exact rationals or the same float
+# computation done twice (same batches, same model); other tolerances say where they come from.
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 

@@ -23,6 +23,8 @@ from negpref.eval.muse import (
 from negpref.eval.scoring import score_encoded
 from negpref.models import build_tokenizer, save_model, tiny_llama
 
+# pytest.approx's default (1e-6 relative) only compares exact rationals or the same float
+# computation done twice (same batches, same model); other tolerances say where they come from.
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
 FORGET = [
