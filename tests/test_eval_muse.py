@@ -18,6 +18,7 @@ from negpref.eval.muse import (
     cut_at_stop,
     evaluate_muse,
     load_muse_logs,
+    precut_verbmem_item,
     verbmem_item,
 )
 from negpref.eval.scoring import score_encoded
@@ -197,8 +198,37 @@ def test_short_texts_are_skipped_and_listed(untrained, tokenizer):
     assert list(logs["verbmem_forget"]["rougeL_f1"]) == ["0"]
     assert logs["negpref_meta"]["verbmem_skipped"] == ["1"]
     assert aggregate_muse(logs)["counts"]["verbmem_forget"]["skipped_short"] == 1
-    with pytest.raises(NegprefError, match="no text is longer than --prefix-tokens"):
+    with pytest.raises(NegprefError, match="no item leaves a token to continue"):
         run(untrained, tokenizer, MuseSets.from_records([{"text": "Tiny."}]))
+
+
+def test_precut_verbmem_records_are_read_as_muse_cuts_them(memorised, tokenizer):
+    prompt, gt = "The lighthouse keeper of Marrow", " Bay painted every door of the village"
+    item = precut_verbmem_item(tokenizer, prompt, gt, 5)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    gt_ids = tokenizer(gt, add_special_tokens=False)["input_ids"]
+    assert item.input_ids == prompt_ids + gt_ids[:5]
+    assert item.answer_mask == [0] * len(prompt_ids) + [1] * 5
+    sets = MuseSets.from_records(verbmem=[{"prompt": prompt, "gt": gt}, {"prompt": "x", "gt": "y"}])
+    logs = run(memorised, tokenizer, sets)
+    assert sorted(logs["verbmem_forget"]["rougeL_f1"]) == ["0", "1"]
+    assert logs["verbmem_forget"]["generated_text"]["0"][0] == tokenizer.decode(
+        prompt_ids, skip_special_tokens=True
+    )
+    assert (
+        logs["verbmem_forget"]["generated_text"]["0"][2]
+        == tokenizer.decode(gt_ids[:CONTINUATION], skip_special_tokens=True).strip()
+    )
+    assert "privleak_forget" not in logs  # no forget texts, no holdout: no PrivLeak
+
+
+def test_muse_sets_need_members():
+    with pytest.raises(NegprefError, match="needs forget texts"):
+        MuseSets.from_records(forget_qa=FORGET_QA)
+    with pytest.raises(NegprefError, match="give --forget-text"):
+        MuseSets.from_records(
+            holdout_text=[{"text": HOLDOUT[0]}], verbmem=[{"prompt": "a", "gt": "b"}]
+        )
 
 
 # ------------------------------------------------------------------------- TOFU, CLI

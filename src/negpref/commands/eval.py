@@ -94,6 +94,10 @@ class EvalConfig:
         default=None, metadata=_f("MUSE: forget QA file (question, answer) for knowmem")
     )
     retain_qa: str | None = field(default=None, metadata=_f("MUSE: retain QA file for knowmem"))
+    verbmem: str | None = field(
+        default=None,
+        metadata=_f("MUSE: pre-cut verbmem file (prompt, gt), instead of cutting --forget-text"),
+    )
     prefix_tokens: int = field(
         default=muse_defaults.PREFIX_TOKENS, metadata=_f("MUSE verbmem: prefix length in tokens")
     )
@@ -148,7 +152,12 @@ class EvalConfig:
         require(self.mia_k is None or 0 < self.mia_k <= 1, "mia_k", self.mia_k, "must be in (0, 1]")
         _check_ref_auc(self.privleak_ref_auc)
         muse = self.benchmark == "muse"
-        require(not muse or bool(self.forget_text), "forget_text", None, "MUSE needs a corpus")
+        require(
+            not muse or bool(self.forget_text or self.verbmem),
+            "forget_text",
+            self.forget_text,
+            "MUSE needs a forget corpus (or --verbmem records)",
+        )
         require(self.prefix_tokens >= 1, "prefix_tokens", self.prefix_tokens, "must be >= 1")
         require(
             self.continuation_tokens >= 1,
@@ -378,8 +387,9 @@ def run_muse(config: EvalConfig, as_json: bool) -> int:
         config.holdout_text,
         config.qa,
         config.retain_qa,
-        config.limit,
-        config.sample_seed,
+        config.verbmem,
+        limit=config.limit,
+        seed=config.sample_seed,
     )
     retain_logs = muse.load_muse_logs(config.retain_logs) if config.retain_logs else None
     _check_attack_nonmembers(config, sets.holdout_text is not None, "--holdout-text FILE")

@@ -3,9 +3,11 @@ MUSE-format data: text corpora (records with ``text``) and QA files (``question`
 
 - Verbatim memorization (``verbmem_forget``): each forget text is cut, in tokens, into a prefix
   of ``prefix_tokens`` (MUSE: 32) and the true continuation of the next
-  ``continuation_tokens`` (MUSE: 128); the model continues the prefix greedily for as many new
-  tokens, scored by ROUGE-L F1 (stemmed) against the true continuation. Texts too short for a
-  prefix and one continuation token are left out and listed. The same items also get exact
+  ``continuation_tokens`` (MUSE: 128), or MUSE's pre-cut ``verbmem`` records (``prompt``,
+  ``gt``, the continuation cut to ``continuation_tokens``) are read as they are; the model
+  continues the prefix greedily for as many new tokens, scored by ROUGE-L F1 (stemmed) against
+  the true continuation. Texts too short for a prefix and one continuation token are left out
+  and listed. The same items also get exact
   memorization and extraction strength of the continuation under teacher forcing
   (``negpref.eval.memorization``; open-unlearning's MUSE ``extraction_strength``).
 - Knowledge memorization (``knowmem_forget``, ``knowmem_retain``): greedy answers to the QA
@@ -66,21 +68,35 @@ class MuseSet:
 
 @dataclass
 class MuseSets:
-    """What one MUSE evaluation reads; every set but the forget texts may be absent."""
+    """What one MUSE evaluation reads: forget texts or pre-cut verbmem records (or both), and
+    optionally the rest."""
 
-    forget_text: MuseSet
+    forget_text: MuseSet | None = None
     holdout_text: MuseSet | None = None
     forget_qa: MuseSet | None = None
     retain_qa: MuseSet | None = None
+    verbmem: MuseSet | None = None
     sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.forget_text is None and self.verbmem is None:
+            raise NegprefError(
+                "MUSE evaluation needs forget texts (--forget-text, records with 'text') or "
+                "pre-cut verbmem records (--verbmem, records with 'prompt' and 'gt')"
+            )
+        if self.holdout_text is not None and self.forget_text is None:
+            raise NegprefError(
+                "--holdout-text: PrivLeak compares it with the forget texts; give --forget-text"
+            )
 
     @classmethod
     def from_records(
         cls,
-        forget_text: list[dict],
+        forget_text: list[dict] | None = None,
         holdout_text: list[dict] | None = None,
         forget_qa: list[dict] | None = None,
         retain_qa: list[dict] | None = None,
+        verbmem: list[dict] | None = None,
         limit: int | None = None,
         seed: int | None = None,
     ) -> MuseSets:
@@ -90,6 +106,7 @@ class MuseSets:
             holdout_text=holdout_text,
             forget_qa=forget_qa,
             retain_qa=retain_qa,
+            verbmem=verbmem,
         )
         sets = {
             name: _read(name, records, f"{name} records", limit, seed)
@@ -104,8 +121,9 @@ _FIELDS = {
     "holdout_text": ("text",),
     "forget_qa": ("question", "answer"),
     "retain_qa": ("question", "answer"),
+    "verbmem": ("prompt", "gt"),
 }
-_KINDS = {"text": TEXT, "question": TEXT, "answer": TEXT}
+_KINDS = {"text": TEXT, "question": TEXT, "answer": TEXT, "prompt": TEXT, "gt": TEXT}
 
 
 def _read(name: str, source, what: str, limit: int | None, seed: int | None) -> MuseSet:
@@ -118,19 +136,22 @@ def _read(name: str, source, what: str, limit: int | None, seed: int | None) -> 
 
 
 def load_muse_sets(
-    forget_text: str | os.PathLike,
+    forget_text: str | os.PathLike | None,
     holdout_text: str | os.PathLike | None = None,
     forget_qa: str | os.PathLike | None = None,
     retain_qa: str | os.PathLike | None = None,
+    verbmem: str | os.PathLike | None = None,
     limit: int | None = None,
     seed: int | None = None,
 ) -> MuseSets:
-    """Read MUSE-format files: text corpora (``text``) and QA files (``question``, ``answer``)."""
+    """Read MUSE-format files: text corpora (``text``), QA files (``question``, ``answer``) and
+    MUSE's pre-cut verbmem files (``prompt``, ``gt``)."""
     given = dict(
         forget_text=(forget_text, "--forget-text"),
         holdout_text=(holdout_text, "--holdout-text"),
         forget_qa=(forget_qa, "--qa"),
         retain_qa=(retain_qa, "--retain-qa"),
+        verbmem=(verbmem, "--verbmem"),
     )
     sets = {
         name: _read(name, path, f"{flag} {path}", limit, seed)
@@ -162,6 +183,35 @@ def verbmem_item(
     )
 
 
+def precut_verbmem_item(tokenizer, prompt: str, gt: str, continuation_tokens: int) -> Encoded:
+    """A MUSE verbmem record: its ``prompt`` (special tokens added) and the first
+    ``continuation_tokens`` tokens of its ``gt``, as MUSE's script truncates it."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    gt_ids = tokenizer(gt, add_special_tokens=False)["input_ids"][:continuation_tokens]
+    return Encoded(
+        input_ids=prompt_ids + gt_ids,
+        answer_mask=[0] * len(prompt_ids) + [1] * len(gt_ids),
+        truncated=False,
+    )
+
+
+def _verbmem_items(
+    tokenizer, sets: MuseSets, prefix_tokens: int, continuation_tokens: int
+) -> tuple[MuseSet, list[Encoded | None]]:
+    """The verbmem source and its items: pre-cut records when given, else cut forget texts."""
+    if sets.verbmem is not None:
+        items = [
+            precut_verbmem_item(tokenizer, r["prompt"], r["gt"], continuation_tokens)
+            for r in sets.verbmem.records
+        ]
+        return sets.verbmem, [item if sum(item.answer_mask) else None for item in items]
+    items = [
+        verbmem_item(tokenizer, r["text"], prefix_tokens, continuation_tokens)
+        for r in sets.forget_text.records
+    ]
+    return sets.forget_text, items
+
+
 def cut_at_stop(text: str, stop_strings=QA_STOP_STRINGS) -> str:
     """``text`` up to the first stop string (MUSE stops a knowmem answer there)."""
     cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
@@ -177,17 +227,15 @@ def _split(item: Encoded) -> tuple[list[int], list[int]]:
 
 
 def _verbmem_log(
-    model, tokenizer, texts: MuseSet, prefix_tokens, continuation_tokens, batch_size, desc
+    model, tokenizer, sets: MuseSets, prefix_tokens, continuation_tokens, batch_size, desc
 ) -> tuple[dict[str, dict], list[str]]:
-    items = [
-        verbmem_item(tokenizer, r["text"], prefix_tokens, continuation_tokens)
-        for r in texts.records
-    ]
+    texts, items = _verbmem_items(tokenizer, sets, prefix_tokens, continuation_tokens)
     kept = [(k, item) for k, item in zip(texts.keys, items) if item is not None]
     skipped = [k for k, item in zip(texts.keys, items) if item is None]
     if not kept:
         raise NegprefError(
-            f"{texts.source}: no text is longer than --prefix-tokens {prefix_tokens}; lower it"
+            f"{texts.source}: no item leaves a token to continue after its prefix "
+            f"(--prefix-tokens {prefix_tokens}); lower it"
         )
     keys = [k for k, _ in kept]
     encoded = [item for _, item in kept]
@@ -281,14 +329,14 @@ def evaluate_muse(
     logs: dict[str, dict] = {}
     try:
         logs[VERBMEM], skipped = _verbmem_log(
-            model, tokenizer, sets.forget_text, prefix_tokens, continuation_tokens, batch_size, desc
+            model, tokenizer, sets, prefix_tokens, continuation_tokens, batch_size, desc
         )
         for name, qa in ((KNOWMEM_FORGET, sets.forget_qa), (KNOWMEM_RETAIN, sets.retain_qa)):
             if qa is not None:
                 logs[name] = _knowmem_log(
                     model, tokenizer, qa, qa_max_new_tokens, batch_size, prompt, desc(name)
                 )
-        if sets.holdout_text is not None:
+        if sets.holdout_text is not None and sets.forget_text is not None:
             attack_models = dict(mia_ref_model=mia_ref_model, gradnorm=gradnorm)
             for name, texts in (
                 (PRIVLEAK_FORGET, sets.forget_text),
@@ -314,7 +362,7 @@ def evaluate_muse(
         "verbmem_skipped": skipped,
         "prompt_format": prompt.describe(tokenizer),
         "conventions": conventions.name,
-        "mia_k": mia_k if sets.holdout_text is not None else None,
+        "mia_k": mia_k if PRIVLEAK_FORGET in logs else None,
     }
     return logs
 
