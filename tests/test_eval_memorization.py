@@ -4,6 +4,7 @@ hand computations on constructed inputs, then a tiny Llama through the TOFU eval
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ import torch
 from conftest import rounding_bound
 from negpref.data import collate, encode_qa
 from negpref.errors import NegprefError
-from negpref.eval import TofuSets, aggregate, evaluate_tofu, load_logs, load_tofu_sets
+from negpref.eval import (
+    TofuEvalCallback,
+    TofuSets,
+    aggregate,
+    evaluate_tofu,
+    load_logs,
+    load_tofu_sets,
+)
 from negpref.eval.memorization import exact_memorization, extraction_strength, greedy_matches
 from negpref.eval.mia import gradnorm_score, mia_auc, reference_scores
 from negpref.eval.scoring import gradnorm_scores, score_answers
@@ -255,3 +263,18 @@ def test_open_unlearning_format_round_trips_memorization_and_attacks(logs, tmp_p
         for key, value in forget[name].items():
             assert back[FORGET_FILE][name][key] == pytest.approx(value)
     assert aggregate(back)["mia/gradnorm"] == pytest.approx(result["mia/gradnorm"])
+
+
+def test_callback_gradnorm_mid_training_keeps_the_accumulated_gradients(tokenizer, sets, other):
+    model = tiny_llama(len(tokenizer), seed=3)
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)  # a half-accumulated training step
+    callback = TofuEvalCallback(
+        sets, batch_size=4, max_new_tokens=2, max_length=256, mia_ref_model=other, gradnorm=True
+    )
+    result = callback.on_evaluate(SimpleNamespace(step=3), model, tokenizer)
+    assert model.training
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    for attack in ("gradnorm", "reference", "reference_ratio"):
+        assert 0.0 <= result[f"mia/{attack}"] <= 1.0
