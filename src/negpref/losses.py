@@ -205,6 +205,18 @@ def nll_token_mean(
     return -token_mean(policy_logps, lengths, weights)
 
 
+def _log_softmax_pair(policy_logits: torch.Tensor, ref_logits: torch.Tensor):
+    """Log-softmaxes of policy and reference logits of one shape, in at least float32 (in bf16
+    the difference of two near-equal log-probs is noise)."""
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}"
+        )
+    wide = torch.promote_types(policy_logits.dtype, torch.float32)
+    return F.log_softmax(policy_logits.to(wide), dim=-1), F.log_softmax(ref_logits.to(wide), dim=-1)
+
+
 def kl(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -223,15 +235,7 @@ def kl(
     """
     if direction not in ("policy||ref", "ref||policy"):
         raise ValueError(f"direction must be 'policy||ref' or 'ref||policy', got {direction!r}")
-    if policy_logits.shape != ref_logits.shape:
-        raise ValueError(
-            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
-            f"{tuple(ref_logits.shape)}"
-        )
-    # Float32 for the log-softmax: in bf16 the difference of two near-equal log-probs is noise.
-    wide = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
-    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
+    policy_logp, ref_logp = _log_softmax_pair(policy_logits, ref_logits)
     p_logp, q_logp = (
         (policy_logp, ref_logp) if direction == "policy||ref" else (ref_logp, policy_logp)
     )
@@ -248,14 +252,7 @@ def kl_all_positions(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> t
     logits flattened to ``[batch*tokens, vocab]``, so prompt, padding and the last position
     (which predicts nothing) all count. Pass the logits of the group's own padded width.
     """
-    if policy_logits.shape != ref_logits.shape:
-        raise ValueError(
-            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
-            f"{tuple(ref_logits.shape)}"
-        )
-    wide = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
-    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
+    policy_logp, ref_logp = _log_softmax_pair(policy_logits, ref_logits)
     token_kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
     return token_kl.mean().to(policy_logits.dtype)
 

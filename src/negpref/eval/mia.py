@@ -128,3 +128,18 @@ def privleak(auc_unlearned: float, auc_retain: float) -> float:
         # 1e-10 here and reports ~1e10 times the difference)
         return math.nan
     return ((1 - auc_unlearned) - (1 - auc_retain)) / (1 - auc_retain) * 100
+
+
+def mia_summary(aucs: dict, retain_aucs: dict, ref_auc: float | None) -> dict:
+    """``mia/<attack>`` AUCs and ``privleak/<attack>`` against the retain model's AUCs, or
+    against the fixed ``ref_auc`` when there are none (None: no PrivLeak)."""
+    result = {f"mia/{attack}": auc for attack, auc in aucs.items()}
+    if aucs and retain_aucs:
+        result["privleak_reference"] = "retain logs"
+        for attack in aucs.keys() & retain_aucs.keys():
+            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
+    elif aucs and ref_auc is not None:
+        result["privleak_reference"] = f"fixed AUC {ref_auc:g}"
+        for attack, auc in aucs.items():
+            result[f"privleak/{attack}"] = privleak(auc, ref_auc)
+    return result

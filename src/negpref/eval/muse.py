@@ -34,7 +34,7 @@ from negpref.data.records import TEXT, load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_continue, greedy_generate
-from negpref.eval.mia import mia_auc, privleak
+from negpref.eval.mia import mia_auc, mia_summary
 from negpref.eval.scoring import model_attack_scores, score_encoded
 from negpref.eval.tofu import subsample
 from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC, META_KEY, short_list
@@ -441,18 +441,8 @@ def aggregate_muse(
     skipped = logs.get(META_KEY, {}).get("verbmem_skipped") or []
     if VERBMEM in counts:
         counts[VERBMEM]["skipped_short"] = len(skipped)
-    aucs = _aucs(logs)
-    for attack, auc in aucs.items():
-        result[f"mia/{attack}"] = auc
     retain_aucs = _aucs(retain_logs) if retain_logs is not None else {}
-    if aucs and retain_aucs:
-        result["privleak_reference"] = "retain logs"
-        for attack in aucs.keys() & retain_aucs.keys():
-            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
-    elif aucs and privleak_ref_auc is not None:
-        result["privleak_reference"] = f"fixed AUC {privleak_ref_auc:g}"
-        for attack, auc in aucs.items():
-            result[f"privleak/{attack}"] = privleak(auc, privleak_ref_auc)
+    result.update(mia_summary(_aucs(logs), retain_aucs, privleak_ref_auc))
     for name in (PRIVLEAK_FORGET, PRIVLEAK_HOLDOUT):
         if name in logs:
             counts[name] = {"items": len(logs[name]["avg_loss"])}

@@ -36,7 +36,7 @@ from negpref.data.records import load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval import open_unlearning as ou
-from negpref.eval.mia import ALL_ATTACKS, mia_auc, privleak
+from negpref.eval.mia import ALL_ATTACKS, mia_auc, mia_summary
 from negpref.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ def check_retain_logs_match_sets(retain_logs: dict, sets: TofuSets, what: str) -
     _compare_forget_items(ours, _forget_items(retain_logs), what)
 
 
-def _mia_summary(logs: dict) -> dict[str, float]:
+def _attack_aucs(logs: dict) -> dict[str, float]:
     forget, holdout = logs.get(FORGET_FILE, {}), logs.get(HOLDOUT_FILE, {})
     return {
         attack: mia_auc(
@@ -382,18 +382,8 @@ def aggregate(
                 [_as_float(v) for v in per_metric["gt_loss"].values()],
                 list(per_metric["num_token_gt"].values()),
             )
-    aucs = _mia_summary(logs)
-    for attack, auc in aucs.items():
-        result[f"mia/{attack}"] = auc
-    retain_aucs = _mia_summary(retain_logs) if retain_logs is not None else {}
-    if aucs and retain_aucs:
-        result["privleak_reference"] = "retain logs"
-        for attack in aucs.keys() & retain_aucs.keys():
-            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
-    elif aucs and privleak_ref_auc is not None:
-        result["privleak_reference"] = f"fixed AUC {privleak_ref_auc:g}"
-        for attack, auc in aucs.items():
-            result[f"privleak/{attack}"] = privleak(auc, privleak_ref_auc)
+    retain_aucs = _attack_aucs(retain_logs) if retain_logs is not None else {}
+    result.update(mia_summary(_attack_aucs(logs), retain_aucs, privleak_ref_auc))
     if HOLDOUT_FILE in logs:
         keys = item_keys(logs[HOLDOUT_FILE])
         counts["holdout"] = {"items": len(keys), "nan_items": _n_nan(logs[HOLDOUT_FILE], keys)}
