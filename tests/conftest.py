@@ -35,3 +35,22 @@ def _no_hub(monkeypatch):
     """Tests never reach a hub: a name not found locally fails as it would offline (tests of
     online behaviour patch ``negpref.hub.offline_reason`` themselves)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_tiny_unlearn_inputs(root):
+    """A tiny random Llama (``root/model``) and 8 TOFU forget01 / retain90 records each
+    (``root/forget.jsonl``, ``root/retain.jsonl``): what the run-level tests unlearn."""
+    import json
+    from pathlib import Path
+
+    from negpref.data import load_records
+    from negpref.models import build_tokenizer, save_model, tiny_llama
+
+    tofu = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+    forget = load_records(tofu / "forget01.json")[:8]
+    retain = load_records(tofu / "retain90.json")[:8]
+    tok = build_tokenizer([r["question"] + " " + r["answer"] for r in forget + retain], 400)
+    save_model(tiny_llama(len(tok), seed=0), tok, root / "model")
+    for name, recs in (("forget", forget), ("retain", retain)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root

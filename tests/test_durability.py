@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_tiny_unlearn_inputs
 from negpref.align import run as align_run
 from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer
-from negpref.data import load_records, pref_task
+from negpref.data import pref_task
 from negpref.errors import NegprefError
 from negpref.io import recover_replaced, replace_dir, run_dir_lock, stage_path
-from negpref.models import build_tokenizer, save_model, tiny_llama
+from negpref.models import save_model, tiny_llama
 from negpref.training import checkpoint as ckpt
 from negpref.unlearn import UnlearnConfig, run
 
@@ -47,13 +48,7 @@ class StopAfter:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("durability")
-    forget = load_records(TOFU / "forget01.json")[:8]
-    retain = load_records(TOFU / "retain90.json")[:8]
-    tok = build_tokenizer([r["question"] + " " + r["answer"] for r in forget + retain], 400)
-    save_model(tiny_llama(len(tok), seed=0), tok, root / "model")
-    for name, recs in (("forget", forget), ("retain", retain)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    root = write_tiny_unlearn_inputs(tmp_path_factory.mktemp("durability"))
     # 8 records x 2 epochs / effective batch 4 = 4 steps, a checkpoint after each.
     base = dict(
         model=str(root / "model"), forget=str(root / "forget.jsonl"),
@@ -309,3 +304,17 @@ def test_align_refuses_a_locked_out_dir(align_setup, tmp_path):
     out = tmp_path / "run"
     with run_dir_lock(out), pytest.raises(NegprefError, match="another negpref run"):
         align_run.run(AlignConfig(**base, out=str(out)))
+
+
+def test_a_stage_left_by_a_killed_run_is_swept_by_the_next_one(tmp_path):
+    from negpref.io import staged_out_dir
+
+    out = tmp_path / "run"
+    stale = stage_path(out)
+    stale.mkdir()
+    (stale / "half.json").write_text("{")  # a kill mid-run, before any checkpoint
+    with staged_out_dir(out) as stage:
+        assert stage == stale and not (stage / "half.json").exists()
+        (stage / "done.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stage, no lock file left
+    assert (out / "done.json").is_file()

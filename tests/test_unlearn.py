@@ -320,6 +320,14 @@ def test_presets_follow_table_2_and_a_new_method_is_one_entry(tmp_path, tok, for
         "SimNPO",
         "SimNPO+RT",
         "SFT",
+        # open-unlearning's methods (issue 16), tested in test_methods.py
+        "WGA",
+        "WGA+RT",
+        "SatImp",
+        "SatImp+RT",
+        "UNDIAL",
+        "CE-U",
+        "RMU",
     } == set(PRESETS)
     table2 = {  # c_GA / c_FG, c_RT, c_FGKL, c_RTKL
         "GA": ("ga", 1, 0, 0, 0),

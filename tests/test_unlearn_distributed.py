@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from negpref.data import load_records
-from negpref.models import build_tokenizer, save_model, tiny_llama
+from conftest import write_tiny_unlearn_inputs
 from negpref.unlearn import UnlearnConfig, run
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -21,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")  # as each launched process (OMP_NUM_THREADS=1)
 def test_two_processes_match_one(tmp_path):
-    forget = load_records(TOFU / "forget01.json")[:8]
-    retain = load_records(TOFU / "retain90.json")[:8]
-    tok = build_tokenizer([r["question"] + " " + r["answer"] for r in forget + retain], 400)
-    save_model(tiny_llama(len(tok), seed=0), tok, tmp_path / "model")
-    for name, recs in (("forget", forget), ("retain", retain)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_tiny_unlearn_inputs(tmp_path)
     common = dict(
         model=str(tmp_path / "model"),
         forget=str(tmp_path / "forget.jsonl"),

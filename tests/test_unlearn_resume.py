@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from negpref.data import load_records
-from negpref.models import build_tokenizer, save_model, tiny_llama
+from conftest import write_tiny_unlearn_inputs
 from negpref.training.checkpoint import latest_checkpoint
 from negpref.unlearn import UnlearnConfig, run
 
@@ -41,13 +40,7 @@ run(UnlearnConfig(**json.loads(sys.argv[1])), callbacks=[Slow()])
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    forget = load_records(TOFU / "forget01.json")[:8]
-    retain = load_records(TOFU / "retain90.json")[:8]
-    tok = build_tokenizer([r["question"] + " " + r["answer"] for r in forget + retain], 400)
-    save_model(tiny_llama(len(tok), seed=0), tok, root / "model")
-    for name, recs in (("forget", forget), ("retain", retain)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    root = write_tiny_unlearn_inputs(tmp_path_factory.mktemp("resume"))
     (root / "script.py").write_text(SCRIPT)
     return root
 

@@ -18,10 +18,13 @@ class SequenceLogps:
     n_tokens: torch.Tensor  # [batch] number of answer tokens
     token_logps: torch.Tensor  # [batch, tokens-1] per-token log-probs (0 off the answer)
     mask: torch.Tensor  # [batch, tokens-1] answer mask aligned with token_logps / logits
-    logits: torch.Tensor | None = None  # [batch, tokens-1, vocab] when asked for (KL terms)
+    targets: torch.Tensor  # [batch, tokens-1] the token each position predicts (input_ids[:, 1:])
+    logits: torch.Tensor | None = None  # [batch, tokens-1, vocab] with keep_logits
     # [batch, tokens, vocab], unshifted (``logits`` is a view of it); with keep_logits
     all_logits: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # [batch, tokens] of the batch
+    # [batch, tokens, hidden] activations after decoder block ``hidden_layer`` (unshifted)
+    hidden: torch.Tensor | None = None
 
 
 def token_logps_from_logits(
@@ -37,10 +40,17 @@ def token_logps_from_logits(
 
 
 def sequence_logps(
-    model, batch: dict[str, torch.Tensor], keep_logits: bool = False
+    model,
+    batch: dict[str, torch.Tensor],
+    keep_logits: bool = False,
+    hidden_layer: int | None = None,
 ) -> SequenceLogps:
-    """One forward of ``batch`` (from ``data.collate``) through ``model``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    """One forward of ``batch`` (from ``data.collate``) through ``model``; with ``hidden_layer``
+    N also the output of decoder block N (0-based, ``model.layers.N``)."""
+    hidden_kwargs = {"output_hidden_states": True} if hidden_layer is not None else {}
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_kwargs
+    )
     token_logps, mask = token_logps_from_logits(
         out.logits, batch["input_ids"], batch["answer_mask"]
     )
@@ -49,7 +59,10 @@ def sequence_logps(
         n_tokens=mask.sum(-1),
         token_logps=token_logps,
         mask=mask,
+        targets=batch["input_ids"][:, 1:],
         logits=out.logits[:, :-1] if keep_logits else None,
         all_logits=out.logits if keep_logits else None,
         attention_mask=batch["attention_mask"],
+        # hidden_states[0] is the embedding output, [N + 1] the output of block N
+        hidden=out.hidden_states[hidden_layer + 1] if hidden_layer is not None else None,
     )

@@ -1,10 +1,12 @@
-"""The math of every method, as pure functions of per-sequence log-probabilities.
+"""The math of every method, as pure functions of per-sequence or per-token log-probabilities.
 
-Every loss takes 1-D tensors over the batch holding, per sequence, the *sum* of the log-probs
-of the answer tokens (``logprobs.sequence_logps`` produces them), and returns a scalar. Each
-accepts ``weights`` (per-sample, non-negative): the reduction is then ``sum(w*l) / sum(w)``;
-without weights it is the plain mean. U2A's weighted unlearning and importance-weighted
-batches go through this single reduction.
+Sequence-level losses take 1-D tensors over the batch holding, per sequence, the *sum* of the
+log-probs of the answer tokens (``logprobs.sequence_logps`` produces them); token-level losses
+(WGA, SatImp, UNDIAL, CE-U) take ``[batch, tokens]`` per-token log-probs or ``[batch, tokens,
+vocab]`` logits with the answer mask, RMU's ``activation_mse`` a block's activations. Every
+loss returns a scalar and accepts ``weights`` (per-sample, non-negative): the reduction is then
+``sum(w*l) / sum(w)`` (token-level: ``token_mean``); without weights it is the plain mean.
+U2A's weighted unlearning and importance-weighted batches go through this single reduction.
 
 Sign conventions follow the NPO paper: every function is a quantity to *minimise*.
 ``ga`` returns ``E[log pi(y|x)]``, so minimising it ascends the forget-set NLL.
@@ -22,20 +24,26 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "activation_mse",
+    "ceu",
     "dpo",
     "ga",
     "ga_token_mean",
     "kl",
     "kl_all_positions",
     "kto",
+    "masked_token_mean",
     "nll",
     "nll_token_mean",
     "npo",
     "npo_weight",
     "reduce",
+    "satimp",
     "simnpo",
     "simnpo_delta",
     "token_mean",
+    "undial",
+    "wga",
 ]
 
 
@@ -197,6 +205,18 @@ def nll_token_mean(
     return -token_mean(policy_logps, lengths, weights)
 
 
+def _log_softmax_pair(policy_logits: torch.Tensor, ref_logits: torch.Tensor):
+    """Log-softmaxes of policy and reference logits of one shape, in at least float32 (in bf16
+    the difference of two near-equal log-probs is noise)."""
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}"
+        )
+    wide = torch.promote_types(policy_logits.dtype, torch.float32)
+    return F.log_softmax(policy_logits.to(wide), dim=-1), F.log_softmax(ref_logits.to(wide), dim=-1)
+
+
 def kl(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -215,15 +235,7 @@ def kl(
     """
     if direction not in ("policy||ref", "ref||policy"):
         raise ValueError(f"direction must be 'policy||ref' or 'ref||policy', got {direction!r}")
-    if policy_logits.shape != ref_logits.shape:
-        raise ValueError(
-            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
-            f"{tuple(ref_logits.shape)}"
-        )
-    # Float32 for the log-softmax: in bf16 the difference of two near-equal log-probs is noise.
-    wide = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
-    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
+    policy_logp, ref_logp = _log_softmax_pair(policy_logits, ref_logits)
     p_logp, q_logp = (
         (policy_logp, ref_logp) if direction == "policy||ref" else (ref_logp, policy_logp)
     )
@@ -240,13 +252,116 @@ def kl_all_positions(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> t
     logits flattened to ``[batch*tokens, vocab]``, so prompt, padding and the last position
     (which predicts nothing) all count. Pass the logits of the group's own padded width.
     """
-    if policy_logits.shape != ref_logits.shape:
-        raise ValueError(
-            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs "
-            f"{tuple(ref_logits.shape)}"
-        )
-    wide = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logp = F.log_softmax(policy_logits.to(wide), dim=-1)
-    ref_logp = F.log_softmax(ref_logits.to(wide), dim=-1)
+    policy_logp, ref_logp = _log_softmax_pair(policy_logits, ref_logits)
     token_kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
     return token_kl.mean().to(policy_logits.dtype)
+
+
+# --- token-level losses ------------------------------------------------------------------------
+# Their papers (and open-unlearning) average over every answer token of the batch; with per-item
+# weights each sequence's tokens carry its weight (``token_mean``).
+
+
+def masked_token_mean(
+    per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``[batch, tokens]`` values over the tokens where ``mask`` is 1 (see token_mean)."""
+    mask = mask.to(per_token.dtype)
+    return token_mean((per_token * mask).sum(-1), mask.sum(-1), weights)
+
+
+def wga(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted gradient ascent (Wang et al. 2025): ``mean_t p_t^beta log p_t``.
+
+    ``p_t^beta`` is detached: it only weighs each token's ascent step, so tokens the model has
+    already forgotten (small ``p_t``) stop pulling, unlike GA's equal weights.
+    """
+    weight = token_logps.detach().exp() ** beta
+    return masked_token_mean(weight * token_logps, mask, weights)
+
+
+def satimp(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    beta1: float = 5.0,
+    beta2: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SatImp (Yang et al. 2025): ``-mean_t p_t^beta1 (1 - p_t)^beta2 CE_t`` with ``CE_t =
+    -log p_t``; the weight (saturation ``p^beta1`` times importance ``(1-p)^beta2``) is
+    detached."""
+    p = token_logps.detach().exp()
+    weight = p**beta1 * (1 - p) ** beta2
+    return masked_token_mean(weight * token_logps, mask, weights)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-position ``-sum_v q_v log softmax(logits)_v`` in float32 (``[batch, tokens]``)."""
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    # q_v = 0 exactly where a target logit is -inf: 0 * log p, never 0 * -inf
+    return -(target_probs * logp).sum(-1)
+
+
+def undial(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 10.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2025): cross-entropy to the reference's next-token distribution with
+    the true token's logit lowered by ``beta``, ``softmax(ref_logits - beta * onehot(y))``.
+
+    ``logits``/``ref_logits`` are ``[batch, tokens, vocab]`` aligned with ``targets`` and
+    ``mask`` (``[batch, tokens]``); the target is a constant (the reference is frozen).
+    """
+    ref = ref_logits.detach().to(torch.promote_types(ref_logits.dtype, torch.float32))
+    index = targets.unsqueeze(-1)
+    lowered = ref.scatter(-1, index, ref.gather(-1, index) - beta)
+    return masked_token_mean(_soft_cross_entropy(logits, lowered.softmax(-1)), mask, weights)
+
+
+def ceu(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ignore_first: float = 1,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CE-U (B. Yang 2025): cross-entropy to the model's own next-token distribution with
+    the true token's logit set to -inf (detached), so all mass moves off the true token.
+
+    Answer tokens whose 1-based index in their answer is ``<= ignore_first`` are left out
+    (default 1: the footnote to the CE-U paper's training settings, as open-unlearning does).
+    """
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    suppressed = logits.detach().to(wide).scatter(-1, targets.unsqueeze(-1), -math.inf)
+    mask = mask.to(wide)
+    scored = mask * (mask.cumsum(-1) > ignore_first)
+    return masked_token_mean(_soft_cross_entropy(logits, suppressed.softmax(-1)), scored, weights)
+
+
+def activation_mse(
+    activations: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMU's activation loss: per sequence the mean over its masked positions of the squared
+    error averaged over the hidden dimension, then reduced over sequences.
+
+    ``activations`` ``[batch, tokens, hidden]``; ``target`` broadcasts to it (RMU's scaled
+    random vector on forget rows, the frozen model's activations on retain rows); ``mask``
+    ``[batch, tokens]`` marks the answer positions.
+    """
+    wide = torch.promote_types(activations.dtype, torch.float32)
+    squared = (activations.to(wide) - target.detach().to(wide)).pow(2).mean(-1)
+    mask = mask.to(wide)
+    per_seq = (squared * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return reduce(per_seq, weights)

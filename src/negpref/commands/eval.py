@@ -3,6 +3,7 @@
 negpref eval --benchmark tofu --split forget10 --model DIR --out DIR [--limit 300]
 negpref eval ... --retain-logs TOFU_EVAL.json --log-format open-unlearning
 negpref eval aggregate --logs RUN.json --retain-logs RETAIN.json --json
+negpref eval --benchmark muse --forget-text F --holdout-text H --qa Q --model DIR --out DIR
 
 Logs are read in TOFU's format or open-unlearning's (TOFU_EVAL.json), detected automatically.
 negpref eval --alignment ...   (alignment metrics, ``negpref.eval.alignment``)
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from negpref.config import add_config_arguments, build_config, config_to_dict, require
 from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
 from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
+from negpref.errors import NegprefError
 from negpref.eval import alignment
+from negpref.eval import muse as muse_defaults
 from negpref.eval.open_unlearning import FORMATS
 from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC, META_KEY
 
@@ -29,7 +32,9 @@ def _f(help_text: str, **meta) -> dict:
 
 @dataclass
 class EvalConfig:
-    benchmark: str = field(default="tofu", metadata=_f("benchmark to run", choices=["tofu"]))
+    benchmark: str = field(
+        default="tofu", metadata=_f("benchmark to run", choices=["tofu", "muse"])
+    )
     split: str = field(
         default="forget10", metadata=_f("TOFU forget split: forget01/05/10/20/30/50/90")
     )
@@ -72,6 +77,37 @@ class EvalConfig:
         default=None, metadata=_f("model before unlearning, for forget / retain KL")
     )
     ref_gguf: str | None = field(default=None, metadata=_f("GGUF file of the reference model"))
+    mia_ref_model: str | None = field(
+        default=None,
+        metadata=_f("model that never saw the forget set (e.g. retain model): reference MIA"),
+    )
+    mia_gradnorm: bool = field(
+        default=False, metadata=_f("also the GradNorm MIA (one backward per scored item)")
+    )
+    forget_text: str | None = field(
+        default=None, metadata=_f("MUSE: forget corpus (records with 'text')")
+    )
+    holdout_text: str | None = field(
+        default=None, metadata=_f("MUSE: holdout corpus (non-members) for PrivLeak")
+    )
+    qa: str | None = field(
+        default=None, metadata=_f("MUSE: forget QA file (question, answer) for knowmem")
+    )
+    retain_qa: str | None = field(default=None, metadata=_f("MUSE: retain QA file for knowmem"))
+    verbmem: str | None = field(
+        default=None,
+        metadata=_f("MUSE: pre-cut verbmem file (prompt, gt), instead of cutting --forget-text"),
+    )
+    prefix_tokens: int = field(
+        default=muse_defaults.PREFIX_TOKENS, metadata=_f("MUSE verbmem: prefix length in tokens")
+    )
+    continuation_tokens: int = field(
+        default=muse_defaults.CONTINUATION_TOKENS,
+        metadata=_f("MUSE verbmem: continuation length in tokens (generated and compared)"),
+    )
+    qa_max_new_tokens: int = field(
+        default=muse_defaults.QA_MAX_NEW_TOKENS, metadata=_f("MUSE knowmem: answer length")
+    )
     batch_size: int = field(default=8, metadata=_f("sequences per forward / generation batch"))
     max_new_tokens: int = field(default=200, metadata=_f("greedy generation length"))
     max_length: int = field(default=512, metadata=_f("max tokens of question + answer"))
@@ -115,6 +151,29 @@ class EvalConfig:
         require(self.max_length >= 8, "max_length", self.max_length, "must be >= 8")
         require(self.mia_k is None or 0 < self.mia_k <= 1, "mia_k", self.mia_k, "must be in (0, 1]")
         _check_ref_auc(self.privleak_ref_auc)
+        muse = self.benchmark == "muse"
+        require(
+            not muse or bool(self.forget_text or self.verbmem),
+            "forget_text",
+            self.forget_text,
+            "MUSE needs a forget corpus (or --verbmem records)",
+        )
+        require(self.prefix_tokens >= 1, "prefix_tokens", self.prefix_tokens, "must be >= 1")
+        require(
+            self.continuation_tokens >= 1,
+            "continuation_tokens",
+            self.continuation_tokens,
+            "must be >= 1",
+        )
+        require(
+            self.qa_max_new_tokens >= 1, "qa_max_new_tokens", self.qa_max_new_tokens, "must be >= 1"
+        )
+        require(
+            not muse or self.log_format == "tofu",
+            "log_format",
+            self.log_format,
+            "MUSE logs have one format (muse_logs.json)",
+        )
         get_conventions(self.conventions)
         self.prompt_format()  # a bad --fallback-template fails before the model loads
 
@@ -213,9 +272,50 @@ def run_aggregate(args) -> int:
     return 0
 
 
+def _check_attack_nonmembers(config: EvalConfig, have_nonmembers: bool, how: str) -> None:
+    """The reference / GradNorm attacks score members against non-members: refuse them
+    without any, rather than load a second model for nothing."""
+    asked = [
+        f
+        for f, on in (
+            ("--mia-ref-model", config.mia_ref_model),
+            ("--mia-gradnorm", config.mia_gradnorm),
+        )
+        if on
+    ]
+    if asked and not have_nonmembers:
+        raise NegprefError(
+            f"{' and '.join(asked)}: membership inference needs non-members; give {how}"
+        )
+
+
+def _load_models(config: EvalConfig):
+    """The evaluated model and tokenizer, the KL reference and the MIA reference (or None)."""
+    from negpref.models import ModelSpec, load_model
+
+    device = _device(config.device)
+    spec = dict(
+        dtype=config.dtype,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
+    model, tokenizer = load_model(ModelSpec(config.model or "", config.gguf, **spec), device)
+    ref_model = mia_ref_model = None
+    if config.ref_model or config.ref_gguf:
+        ref_model, _ = load_model(
+            ModelSpec(config.ref_model or "", config.ref_gguf, **spec), device
+        )
+    if config.mia_ref_model:
+        mia_ref_model, _ = load_model(ModelSpec(config.mia_ref_model, None, **spec), device)
+    return model, tokenizer, ref_model, mia_ref_model
+
+
 def run_eval(args) -> int:
     if args.alignment:
         return int(alignment.main(args) or 0)
+    config = build_config(EvalConfig, args)
+    if config.benchmark == "muse":
+        return run_muse(config, args.json)
 
     from negpref.eval.tofu import evaluate_tofu, load_tofu_sets
     from negpref.eval.tofu_logs import (
@@ -226,9 +326,7 @@ def run_eval(args) -> int:
         write_logs,
     )
     from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
-    from negpref.models import ModelSpec, load_model
 
-    config = build_config(EvalConfig, args)
     # Everything a user can get wrong is checked before the model loads.
     check_out_dir(config.out, overwrite=config.overwrite)
     sets = load_tofu_sets(
@@ -239,20 +337,9 @@ def run_eval(args) -> int:
         retain_logs = load_logs(config.retain_logs, "--retain-logs")
         check_logs(retain_logs, f"--retain-logs {config.retain_logs}")
         check_retain_logs_match_sets(retain_logs, sets, f"--retain-logs {config.retain_logs}")
+    _check_attack_nonmembers(config, sets.holdout is not None, "--holdout FILE (or holdoutNN.json)")
 
-    device = _device(config.device)
-    spec = dict(
-        dtype=config.dtype,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-    )
-    model, tokenizer = load_model(ModelSpec(config.model or "", config.gguf, **spec), device)
-    ref_model = None
-    if config.ref_model or config.ref_gguf:
-        ref_model, _ = load_model(
-            ModelSpec(config.ref_model or "", config.ref_gguf, **spec), device
-        )
-
+    model, tokenizer, ref_model, mia_ref_model = _load_models(config)
     start = time.perf_counter()
     logs = evaluate_tofu(
         model,
@@ -267,6 +354,8 @@ def run_eval(args) -> int:
         prompt=config.prompt_format(),
         conventions=config.conventions,
         generate=config.generation,
+        mia_ref_model=mia_ref_model,
+        gradnorm=config.mia_gradnorm,
     )
     seconds = time.perf_counter() - start
     result = aggregate(logs, retain_logs, config.privleak_ref_auc)
@@ -284,4 +373,52 @@ def run_eval(args) -> int:
         write_logs(stage, logs, result, config.log_format)
         atomic_write_json(stage / "aggregate.json", result)
     _print(result, args.json)
+    return 0
+
+
+def run_muse(config: EvalConfig, as_json: bool) -> int:
+    """``--benchmark muse``: MUSE logs (``muse_logs.json``) and their aggregate."""
+    from negpref.eval import muse
+    from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
+
+    check_out_dir(config.out, overwrite=config.overwrite)
+    sets = muse.load_muse_sets(
+        config.forget_text,
+        config.holdout_text,
+        config.qa,
+        config.retain_qa,
+        config.verbmem,
+        limit=config.limit,
+        seed=config.sample_seed,
+    )
+    retain_logs = muse.load_muse_logs(config.retain_logs) if config.retain_logs else None
+    _check_attack_nonmembers(config, sets.holdout_text is not None, "--holdout-text FILE")
+    model, tokenizer, _, mia_ref_model = _load_models(config)
+    start = time.perf_counter()
+    logs = muse.evaluate_muse(
+        model,
+        tokenizer,
+        sets,
+        prefix_tokens=config.prefix_tokens,
+        continuation_tokens=config.continuation_tokens,
+        qa_max_new_tokens=config.qa_max_new_tokens,
+        batch_size=config.batch_size,
+        mia_k=config.mia_k,
+        prompt=config.prompt_format(),
+        conventions=config.conventions,
+        mia_ref_model=mia_ref_model,
+        gradnorm=config.mia_gradnorm,
+        progress=not as_json,
+    )
+    result = muse.aggregate_muse(logs, retain_logs, config.privleak_ref_auc)
+    result["run"] = {
+        "config": config_to_dict(config),
+        "sets": sets.sources,
+        "prompt_format": logs[META_KEY]["prompt_format"],
+        "eval_seconds": time.perf_counter() - start,
+    }
+    with staged_out_dir(config.out, config.overwrite) as stage:
+        atomic_write_json(stage / muse.LOGS_FILE, logs)
+        atomic_write_json(stage / "aggregate.json", result)
+    _print(result, as_json)
     return 0

@@ -38,7 +38,9 @@ class TofuEvalCallback:
     ``retain_logs`` (a logs dict or a path to one, TOFU's or open-unlearning's format) is the
     forget-quality reference; without it ``forget_quality`` is None. ``ref_model`` (the model
     before unlearning) adds ``forget_kl`` and ``retain_kl``. ``prompt``, ``conventions``,
-    ``mia_k`` and ``generate`` are passed to ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
+    ``mia_k``, ``generate``, ``mia_ref_model`` and ``gradnorm`` (the reference / GradNorm
+    attacks; GradNorm leaves the run's accumulated ``.grad`` alone) are passed to
+    ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
     needs ``step`` and, to save per-item logs, ``out_dir`` (``epoch`` is recorded if present).
     """
 
@@ -54,6 +56,8 @@ class TofuEvalCallback:
         prompt: PromptFormat = DEFAULT_PROMPT,
         conventions: Conventions | str = NPO,
         generate: bool = True,
+        mia_ref_model=None,
+        gradnorm: bool = False,
     ):
         if retain_logs is not None and not isinstance(retain_logs, dict):
             retain_logs = load_logs(retain_logs, "retain logs")
@@ -72,6 +76,8 @@ class TofuEvalCallback:
             prompt=prompt,
             conventions=conventions,
             generate=generate,
+            mia_ref_model=mia_ref_model,
+            gradnorm=gradnorm,
         )
 
     def on_evaluate(self, state, model, tokenizer) -> dict:

@@ -46,6 +46,19 @@ def greedy_generate(
     model emitted EOS at once); callers count those.
     """
     prompts = [prompt_ids(tokenizer, q, max_length, prompt) for q in questions]
+    return greedy_continue(model, tokenizer, prompts, batch_size, max_new_tokens, desc)
+
+
+@torch.no_grad()
+def greedy_continue(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    batch_size: int = 8,
+    max_new_tokens: int = 200,
+    desc: str | None = None,
+) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded as :func:`greedy_generate`'s."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = model_device(model)
     pad_id = tokenizer.pad_token_id

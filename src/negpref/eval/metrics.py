@@ -120,3 +120,17 @@ def rouge_recalls(answers: Sequence[str], generations: Sequence[str]) -> tuple[l
         rouge1.append(float(scores["rouge1"].recall))
         rouge_l.append(float(scores["rougeL"].recall))
     return rouge1, rouge_l
+
+
+def rouge_l_scores(references: Sequence[str], generations: Sequence[str]) -> tuple[list, list]:
+    """ROUGE-L F1 and recall of each generation against its reference (stemmed, as MUSE and
+    open-unlearning score verbatim and knowledge memorization). An empty generation scores 0."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    f1, recall = [], []
+    for reference, generation in zip(references, generations, strict=True):
+        score = scorer.score(reference, generation)["rougeL"]
+        f1.append(float(score.fmeasure))
+        recall.append(float(score.recall))
+    return f1, recall

@@ -12,6 +12,17 @@ forget set, about 0.5 for one that never saw it (the retain model).
   distribution, ``(log p(x_t) - mu_t) / sigma_t`` with ``mu_t = E_z[log p(z)]`` and
   ``sigma_t^2 = Var_z[log p(z)]`` under ``z ~ p(.|x_<t)`` (Zhang et al. 2024).
 
+Attacks that need more than one forward of the model (``MODEL_ATTACKS``), asked for by name:
+
+- ``reference``: the mean log-likelihood minus a reference model's, ``ref_loss - loss``
+  (Carlini et al. 2021; open-unlearning's ``mia_reference`` with the sign turned), the
+  reference being a model that never saw the members (e.g. the retain model);
+- ``reference_ratio``: ``-loss / ref_loss``, the same comparison as a ratio of the two token-mean
+  NLLs (Carlini et al. 2021's ratio of log-perplexities);
+- ``gradnorm``: minus the mean over parameter tensors of the ``p``-norm of the gradient of the
+  token-mean NLL (Wang et al. 2024, arXiv:2402.17012; open-unlearning's ``mia_gradnorm``, p = 2):
+  a member sits near a minimum, so its gradient is small.
+
 Privacy leakage (MUSE's PrivLeak, as MUSE and open-unlearning compute it) compares the
 unlearned model's AUC with the retain model's on ``1 - AUC`` (MUSE's AUC ranks non-members
 first): ``((1-AUC) - (1-AUC_retain)) / (1-AUC_retain) * 100``, in percent. 0 is ideal; an
@@ -32,6 +43,9 @@ import numpy as np
 import torch
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+MODEL_ATTACKS = ("reference", "reference_ratio", "gradnorm")
+ALL_ATTACKS = (*ATTACKS, *MODEL_ATTACKS)
+GRADNORM_P = 2.0  # open-unlearning's mia_gradnorm p
 
 
 def _bottom_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
@@ -76,6 +90,21 @@ def zlib_score(mean_logp: float, text: str) -> float:
     return mean_logp / len(zlib.compress(text.encode("utf-8")))
 
 
+def reference_scores(mean_logp: float, ref_mean_logp: float) -> dict[str, float]:
+    """``reference`` and ``reference_ratio`` from the model's and the reference's token-mean
+    log-likelihoods of one sequence."""
+    return {
+        "reference": mean_logp - ref_mean_logp,
+        "reference_ratio": -mean_logp / ref_mean_logp if ref_mean_logp else math.nan,
+    }
+
+
+def gradnorm_score(grads, p: float = GRADNORM_P) -> float:
+    """``-mean_i ||g_i||_p`` over the gradient tensors ``grads`` of one sequence's loss."""
+    norms = torch.stack([torch.linalg.vector_norm(g.float(), ord=p) for g in grads])
+    return -norms.mean().item()
+
+
 def mia_auc(member_scores, nonmember_scores) -> float:
     """ROC AUC of telling members (label 1) from non-members by score; NaN scores dropped."""
     from sklearn.metrics import roc_auc_score
@@ -99,3 +128,18 @@ def privleak(auc_unlearned: float, auc_retain: float) -> float:
         # 1e-10 here and reports ~1e10 times the difference)
         return math.nan
     return ((1 - auc_unlearned) - (1 - auc_retain)) / (1 - auc_retain) * 100
+
+
+def mia_summary(aucs: dict, retain_aucs: dict, ref_auc: float | None) -> dict:
+    """``mia/<attack>`` AUCs and ``privleak/<attack>`` against the retain model's AUCs, or
+    against the fixed ``ref_auc`` when there are none (None: no PrivLeak)."""
+    result = {f"mia/{attack}": auc for attack, auc in aucs.items()}
+    if aucs and retain_aucs:
+        result["privleak_reference"] = "retain logs"
+        for attack in aucs.keys() & retain_aucs.keys():
+            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
+    elif aucs and ref_auc is not None:
+        result["privleak_reference"] = f"fixed AUC {ref_auc:g}"
+        for attack, auc in aucs.items():
+            result[f"privleak/{attack}"] = privleak(auc, ref_auc)
+    return result

@@ -13,7 +13,10 @@ and per metric it pre-computes, and ``TOFU_SUMMARY.json``: ``{metric: agg_value}
 - ``ra_Q_A_Prob_normalised``, ``wf_Q_A_Prob_normalised``: ``{prob}``;
 - ``mia_<attack>``: ``{agg_value: AUC, auc, forget: {agg_value, value_by_index: {i: {score}}},
   holdout: {...}}`` where a *higher* score means non-member (the negative of ours);
+- ``exact_memorization``, ``extraction_strength`` (forget set): ``{score}``;
 - aggregates ``model_utility``, ``forget_quality``, ``privleak`` (on ``mia_min_k``).
+
+``mia_reference_ratio`` is ours (open-unlearning's reference attack is the difference).
 
 Real authors and world facts take the answer itself as the truth ratio's base (``ra_Q_A_Prob``
 is both ``correct`` and the answer probability), as TOFU does.
@@ -27,7 +30,7 @@ import numpy as np
 
 from negpref.errors import NegprefError
 from negpref.eval import metrics
-from negpref.eval.mia import ATTACKS
+from negpref.eval.mia import ALL_ATTACKS
 
 EVAL_FILE = "TOFU_EVAL.json"
 SUMMARY_FILE = "TOFU_SUMMARY.json"
@@ -36,7 +39,9 @@ FORMATS = ("tofu", "open-unlearning")
 # Our set kind -> open-unlearning's metric-name prefix.
 PREFIXES = {"retain": "retain", "real_authors": "ra", "world_facts": "wf", "forget": "forget"}
 # Our attack names -> open-unlearning's MIA metric names.
-MIA_METRICS = {attack: f"mia_{attack}" for attack in ATTACKS}
+MIA_METRICS = {attack: f"mia_{attack}" for attack in ALL_ATTACKS}
+# Forget-set memorization metrics: the same names here and there ({score} per item there).
+MEMORIZATION_METRICS = ("exact_memorization", "extraction_strength")
 PRIVLEAK_ATTACK = "min_k"  # open-unlearning's privleak is computed on Min-K%
 AGGREGATES = ("model_utility", "forget_quality", "privleak")
 
@@ -171,6 +176,11 @@ def from_open_unlearning(logs: dict, where: str, tofu_files: dict, holdout_file:
     for kind, file in tofu_files.items():
         if f"{PREFIXES[kind]}_Q_A_Prob" in logs:
             converted[file] = _set_from_open_unlearning(logs, kind, where)
+    if tofu_files["forget"] in converted:
+        for metric in MEMORIZATION_METRICS:
+            if metric in logs:
+                per_item = _by_index(logs, metric, where, metric)
+                converted[tofu_files["forget"]][metric] = _field(per_item, "score", metric, where)
     mia_forget, mia_holdout = _mia_from_open_unlearning(logs, where)
     if mia_forget:
         forget_file = tofu_files["forget"]
@@ -242,6 +252,13 @@ def _set_to_open_unlearning(kind: str, per_metric: dict) -> dict[str, dict]:
             {k: {"prob": v} for k, v in normalised.items()},
             metrics.mean_finite(list(normalised.values())),
         )
+    for metric in MEMORIZATION_METRICS:
+        if metric in per_metric:
+            values = per_metric[metric]
+            out[metric] = _entry(
+                {k: {"score": v} for k, v in values.items()},
+                metrics.mean_finite([_as_float(v) for v in values.values()]),
+            )
     if "rougeL_recall" in per_metric:
         texts = per_metric.get("generated_text", {})
         per_item = {}
@@ -282,7 +299,7 @@ def _mia_to_open_unlearning(forget: dict, holdout: dict, aucs: dict) -> dict[str
 def to_open_unlearning(logs: dict, aggregates: dict, tofu_files: dict, holdout_file: str) -> dict:
     """Our logs (and their ``aggregate``) as open-unlearning's ``TOFU_EVAL.json``.
 
-    Not written: ``rougeL_f1`` (we score ROUGE recall only) and ``extraction_strength``.
+    Not written: ``rougeL_f1`` (TOFU evaluation scores ROUGE recall only).
     """
     out: dict[str, dict] = {}
     for kind, file in tofu_files.items():

@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 
 from negpref import losses
 from negpref.conventions import NPO, Conventions, get_conventions
-from negpref.data import DEFAULT_PROMPT, PromptFormat, collate, encode_qa
+from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, collate, encode_qa
+from negpref.errors import NegprefError
 from negpref.eval import mia
+from negpref.eval.memorization import exact_memorization, extraction_strength, greedy_matches
 from negpref.logprobs import sequence_logps
 
 
@@ -30,6 +32,8 @@ class AnswerScores:
     truncated: list[bool]  # answer cut at max_length
     mia: dict[str, list[float]] | None = None  # attack name -> score (higher: member)
     kl_ref: list[float] | None = None  # per pair KL(ref || model), token mean
+    exact_memorization: list[float] | None = None  # per pair, with memorization=True
+    extraction_strength: list[float] | None = None
 
     @property
     def avg_losses(self) -> list[float]:
@@ -45,7 +49,6 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def score_answers(
     model,
     tokenizer,
@@ -57,24 +60,56 @@ def score_answers(
     desc: str | None = None,
     prompt: PromptFormat = DEFAULT_PROMPT,
     conventions: Conventions | str = NPO,
+    memorization: bool = False,
 ) -> AnswerScores:
     """Score ``(question, answer)`` pairs under ``model``, questions formatted by ``prompt``.
 
     With ``ref_model``, also the per-pair forget/retain KL ``KL(pi_ref || pi_model)`` over the
     answer tokens; with ``mia_k``, the membership-inference scores of ``mia.ATTACKS`` (Min-K%
     and Min-K%++ over the lowest ``mia_k`` fraction of tokens; without the EOS token under
-    open-unlearning's ``conventions``).
+    open-unlearning's ``conventions``); with ``memorization``, exact memorization and
+    extraction strength of the answer (``negpref.eval.memorization``).
     """
-    drop_eos = get_conventions(conventions).mia_drop_eos
     encoded = [encode_qa(tokenizer, q, a, max_length, prompt) for q, a in pairs]
+    return score_encoded(
+        model,
+        tokenizer.pad_token_id,
+        encoded,
+        [a for _, a in pairs],
+        batch_size,
+        ref_model=ref_model,
+        mia_k=mia_k,
+        desc=desc,
+        conventions=conventions,
+        memorization=memorization,
+    )
+
+
+@torch.no_grad()
+def score_encoded(
+    model,
+    pad_id: int,
+    encoded: Sequence[Encoded],
+    scored_texts: Sequence[str],
+    batch_size: int = 8,
+    ref_model=None,
+    mia_k: float | None = None,
+    desc: str | None = None,
+    conventions: Conventions | str = NPO,
+    memorization: bool = False,
+) -> AnswerScores:
+    """:func:`score_answers` on encoded items; ``scored_texts`` (the text of each item's scored
+    tokens) feed the zlib attack."""
+    drop_eos = get_conventions(conventions).mia_drop_eos
     n = len(encoded)
     logps, n_tokens = [math.nan] * n, [0] * n
     scores = {name: [math.nan] * n for name in mia.ATTACKS} if mia_k is not None else None
     kl_ref = [math.nan] * n if ref_model is not None else None
+    em = [math.nan] * n if memorization else None
+    es = [math.nan] * n if memorization else None
     order = sorted(range(n), key=lambda i: -len(encoded[i].input_ids))
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id
-    need_logits = ref_model is not None or mia_k is not None
+    need_logits = ref_model is not None or mia_k is not None or memorization
     chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad_id).items()}
@@ -88,6 +123,10 @@ def score_answers(
             min_k_mask = mia.drop_last_answer_token(out.mask) if drop_eos else out.mask
             min_k = mia.min_k_scores(out.token_logps, min_k_mask, mia_k)
             min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, min_k_mask, mia_k)
+        if memorization:
+            matches = greedy_matches(out.logits, batch["input_ids"][:, 1:], out.mask)
+            item_em = exact_memorization(matches, out.mask)
+            item_es = extraction_strength(matches, out.mask)
         for row, i in enumerate(chunk):
             lp, count = out.logps[row].item(), int(out.n_tokens[row].item())
             n_tokens[i] = count
@@ -97,9 +136,11 @@ def score_answers(
             if scores is not None:
                 mean_logp = lp / count
                 scores["loss"][i] = mean_logp
-                scores["zlib"][i] = mia.zlib_score(mean_logp, pairs[i][1])
+                scores["zlib"][i] = mia.zlib_score(mean_logp, scored_texts[i])
                 scores["min_k"][i] = min_k[row].item()
                 scores["min_k_plus_plus"][i] = min_k_pp[row].item()
+            if memorization:
+                em[i], es[i] = item_em[row].item(), item_es[row].item()
             if ref_out is not None:
                 kl_ref[i] = losses.kl(
                     out.logits[row : row + 1],
@@ -113,4 +154,64 @@ def score_answers(
         truncated=[e.truncated for e in encoded],
         mia=scores,
         kl_ref=kl_ref,
+        exact_memorization=em,
+        extraction_strength=es,
     )
+
+
+def gradnorm_scores(
+    model, pad_id: int, encoded: Sequence[Encoded], p: float = mia.GRADNORM_P
+) -> list[float]:
+    """The GradNorm attack per item (``mia.gradnorm_score``), one backward each.
+
+    Gradients are taken with ``torch.autograd.grad`` over the parameters that require them
+    (an adapter's, for a PEFT model), so accumulated ``.grad`` of a training run is untouched;
+    the model stays in eval mode (no dropout), unlike open-unlearning's, which switches to train.
+    """
+    params = [q for q in model.parameters() if q.requires_grad]
+    if not params:
+        raise NegprefError(
+            "GradNorm MIA: the model has no parameters that require gradients; leave "
+            "requires_grad on (or drop the gradnorm attack)"
+        )
+    device = model_device(model)
+    scores = []
+    with torch.enable_grad():
+        for item in encoded:
+            batch = {k: v.to(device) for k, v in collate([item], pad_id).items()}
+            out = sequence_logps(model, batch)
+            if not out.n_tokens.item() or not torch.isfinite(out.logps).all():
+                scores.append(math.nan)
+                continue
+            loss = -(out.logps / out.n_tokens).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            scores.append(mia.gradnorm_score([g for g in grads if g is not None], p))
+    return scores
+
+
+def model_attack_scores(
+    model,
+    pad_id: int,
+    encoded: Sequence[Encoded],
+    scored_texts: Sequence[str],
+    scores: AnswerScores,
+    batch_size: int = 8,
+    mia_ref_model=None,
+    gradnorm: bool = False,
+) -> dict[str, list[float]]:
+    """``mia.MODEL_ATTACKS`` per item: the reference attacks (with ``mia_ref_model``, scoring
+    the same items under it) and GradNorm (with ``gradnorm``); ``scores`` are the model's own."""
+    attacks: dict[str, list[float]] = {}
+    if mia_ref_model is not None:
+        ref = score_encoded(mia_ref_model, pad_id, encoded, scored_texts, batch_size)
+        per_item = [
+            mia.reference_scores(lp / n, ref_lp / ref_n)
+            if n and ref_n and math.isfinite(lp) and math.isfinite(ref_lp)
+            else dict.fromkeys(("reference", "reference_ratio"), math.nan)
+            for lp, n, ref_lp, ref_n in zip(scores.logps, scores.n_tokens, ref.logps, ref.n_tokens)
+        ]
+        for name in ("reference", "reference_ratio"):
+            attacks[name] = [item[name] for item in per_item]
+    if gradnorm:
+        attacks["gradnorm"] = gradnorm_scores(model, pad_id, encoded)
+    return attacks

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from negpref.conventions import NPO, Conventions, get_conventions
-from negpref.data import DEFAULT_PROMPT, PromptFormat, load_records
+from negpref.data import DEFAULT_PROMPT, PromptFormat, encode_qa, load_records
 from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_generate
-from negpref.eval.scoring import AnswerScores, score_answers
+from negpref.eval.scoring import AnswerScores, model_attack_scores, score_answers
 from negpref.eval.tofu_logs import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
 
 # Source files in a TOFU-format data directory.
@@ -276,6 +276,9 @@ def _gt_metrics(keys: list[str], scores: AnswerScores) -> dict[str, dict]:
     if scores.mia is not None:
         for attack, values in scores.mia.items():
             metrics_by_key[f"mia_{attack}"] = dict(zip(keys, values))
+    if scores.exact_memorization is not None:
+        metrics_by_key["exact_memorization"] = dict(zip(keys, scores.exact_memorization))
+        metrics_by_key["extraction_strength"] = dict(zip(keys, scores.extraction_strength))
     return metrics_by_key
 
 
@@ -292,9 +295,14 @@ def _evaluate_set(
     prompt: PromptFormat = DEFAULT_PROMPT,
     conventions: Conventions = NPO,
     answers_only: bool = False,
+    memorization: bool = False,
+    mia_ref_model=None,
+    gradnorm: bool = False,
 ) -> dict[str, dict]:
     """Per-item logs of one set; ``max_new_tokens=None`` skips generation (and ROUGE),
-    ``answers_only`` also the truth ratio (the holdout set only feeds membership inference)."""
+    ``answers_only`` also the truth ratio (the holdout set only feeds membership inference).
+    ``memorization`` adds exact memorization / extraction strength of the answers; with
+    ``mia_k``, ``mia_ref_model`` and ``gradnorm`` add the reference and GradNorm attacks."""
     kind, records, keys = eval_set.kind, eval_set.records, eval_set.keys
     questions = [r["question"] for r in records]
     answers = [r["answer"] for r in records]
@@ -315,8 +323,22 @@ def _evaluate_set(
             **extra,
         )
 
-    gt = score(list(zip(questions, answers)), "answers", ref_model=ref_model, mia_k=mia_k)
+    gt = score(
+        list(zip(questions, answers)),
+        "answers",
+        ref_model=ref_model,
+        mia_k=mia_k,
+        memorization=memorization,
+    )
     log = _gt_metrics(keys, gt)
+    if mia_k is not None and (mia_ref_model is not None or gradnorm):
+        encoded = [
+            encode_qa(tokenizer, q, a, max_length, prompt) for q, a in zip(questions, answers)
+        ]
+        extra = model_attack_scores(
+            model, tokenizer.pad_token_id, encoded, answers, gt, batch_size, mia_ref_model, gradnorm
+        )
+        log.update({f"mia_{attack}": dict(zip(keys, v)) for attack, v in extra.items()})
     if answers_only:
         return log
 
@@ -379,12 +401,17 @@ def evaluate_tofu(
     prompt: PromptFormat = DEFAULT_PROMPT,
     conventions: Conventions | str = NPO,
     generate: bool = True,
+    mia_ref_model=None,
+    gradnorm: bool = False,
 ) -> dict[str, dict]:
     """Evaluate ``model`` on every set of ``sets``; return per-item logs in TOFU's format.
 
     With ``ref_model`` the forget and retain logs hold ``kl_ref`` (forget / retain KL); with a
     holdout set, the forget and holdout logs hold the ``mia_*`` attack scores (Min-K% over
-    ``mia_k`` of the tokens, default: the conventions' 0.2 or 0.4). Questions are formatted by
+    ``mia_k`` of the tokens, default: the conventions' 0.2 or 0.4), plus the reference attacks
+    against ``mia_ref_model`` (e.g. the retain model) and, with ``gradnorm``, GradNorm. The
+    forget log holds ``exact_memorization`` and ``extraction_strength`` per item (open-unlearning
+    computes them on the forget set only). Questions are formatted by
     ``prompt``. ``generate=False`` skips greedy generation, so the logs hold no ROUGE (the
     aggregates that need it say so). ``progress`` shows progress bars (stderr).
     """
@@ -397,6 +424,7 @@ def evaluate_tofu(
         prompt=prompt,
         conventions=conventions,
     )
+    attack_models = dict(mia_ref_model=mia_ref_model, gradnorm=gradnorm)
     was_training = model.training
     model.eval()
     logs: dict[str, dict] = {}
@@ -409,6 +437,8 @@ def evaluate_tofu(
                 max_new_tokens=max_new_tokens if generate else None,
                 ref_model=ref_model if kind in ("forget", "retain") else None,
                 mia_k=mia_k if kind == "forget" and sets.holdout is not None else None,
+                memorization=kind == "forget",
+                **attack_models,
                 **options,
             )
         if sets.holdout is not None:
@@ -419,6 +449,7 @@ def evaluate_tofu(
                 max_new_tokens=None,
                 mia_k=mia_k,
                 answers_only=True,
+                **attack_models,
                 **options,
             )
     finally:

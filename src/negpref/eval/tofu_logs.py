@@ -13,8 +13,9 @@ Per-item metrics are TOFU's (``avg_gt_loss``, ``gt_loss``, ``num_token_gt``, ``g
 = [question, generation, answer], ``rouge1_recall``, ``rougeL_recall``, ``avg_paraphrased_loss``,
 ``paraphrased_loss``, ``num_token_paraphrased``, ``average_perturb_loss``, ``perturb_loss``,
 ``num_token_perturb``, ``truth_ratio``, and ``normalized_gt_loss`` on real authors / world
-facts) plus ours: ``kl_ref`` (KL(ref || model) per item, with a reference model) and ``mia_*``
-membership scores (with a holdout set). ``negpref_meta`` (not an eval file) records the prompt
+facts) plus ours: ``kl_ref`` (KL(ref || model) per item, with a reference model), ``mia_*``
+membership scores (with a holdout set) and, on the forget set, ``exact_memorization`` and
+``extraction_strength`` (``negpref.eval.memorization``). ``negpref_meta`` (not an eval file) records the prompt
 format and conventions of the evaluation. Logs evaluated without generation have no
 ``generated_text`` / ROUGE; the aggregates that need ROUGE are then reported missing.
 
@@ -35,7 +36,7 @@ from negpref.data.records import load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval import open_unlearning as ou
-from negpref.eval.mia import ATTACKS, mia_auc, privleak
+from negpref.eval.mia import ALL_ATTACKS, mia_auc, mia_summary
 from negpref.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ _AGGREGATED_METRICS = (
     "average_perturb_loss",
 )
 _OPTIONAL_METRICS = ("rougeL_recall",)
-_HOLDOUT_METRICS = ("avg_gt_loss", *(f"mia_{a}" for a in ATTACKS))
+_HOLDOUT_METRICS = ("avg_gt_loss", *(f"mia_{a}" for a in ALL_ATTACKS))
+MEMORIZATION_METRICS = ("exact_memorization", "extraction_strength")
 
 
 def short_list(indices, limit: int = 10) -> str:
@@ -230,6 +232,9 @@ def _set_summary(kind: str, per_metric: dict) -> dict[str, float]:
         summary["rougeL"] = metrics.mean_finite(_values(per_metric, "rougeL_recall", keys))
     if "rouge1_recall" in per_metric:
         summary["rouge1"] = metrics.mean_finite(_values(per_metric, "rouge1_recall", keys))
+    for name in MEMORIZATION_METRICS:
+        if name in per_metric:
+            summary[name] = metrics.mean_finite([_as_float(v) for v in per_metric[name].values()])
     return summary
 
 
@@ -282,14 +287,14 @@ def check_retain_logs_match_sets(retain_logs: dict, sets: TofuSets, what: str) -
     _compare_forget_items(ours, _forget_items(retain_logs), what)
 
 
-def _mia_summary(logs: dict) -> dict[str, float]:
+def _attack_aucs(logs: dict) -> dict[str, float]:
     forget, holdout = logs.get(FORGET_FILE, {}), logs.get(HOLDOUT_FILE, {})
     return {
         attack: mia_auc(
             [_as_float(v) for v in forget[f"mia_{attack}"].values()],
             [_as_float(v) for v in holdout[f"mia_{attack}"].values()],
         )
-        for attack in ATTACKS
+        for attack in ALL_ATTACKS
         if f"mia_{attack}" in forget and f"mia_{attack}" in holdout
     }
 
@@ -377,18 +382,8 @@ def aggregate(
                 [_as_float(v) for v in per_metric["gt_loss"].values()],
                 list(per_metric["num_token_gt"].values()),
             )
-    aucs = _mia_summary(logs)
-    for attack, auc in aucs.items():
-        result[f"mia/{attack}"] = auc
-    retain_aucs = _mia_summary(retain_logs) if retain_logs is not None else {}
-    if aucs and retain_aucs:
-        result["privleak_reference"] = "retain logs"
-        for attack in aucs.keys() & retain_aucs.keys():
-            result[f"privleak/{attack}"] = privleak(aucs[attack], retain_aucs[attack])
-    elif aucs and privleak_ref_auc is not None:
-        result["privleak_reference"] = f"fixed AUC {privleak_ref_auc:g}"
-        for attack, auc in aucs.items():
-            result[f"privleak/{attack}"] = privleak(auc, privleak_ref_auc)
+    retain_aucs = _attack_aucs(retain_logs) if retain_logs is not None else {}
+    result.update(mia_summary(_attack_aucs(logs), retain_aucs, privleak_ref_auc))
     if HOLDOUT_FILE in logs:
         keys = item_keys(logs[HOLDOUT_FILE])
         counts["holdout"] = {"items": len(keys), "nan_items": _n_nan(logs[HOLDOUT_FILE], keys)}

@@ -384,7 +384,8 @@ def unlearn_method(config, method, target: Path, tokenizer, data: StudyData, cal
     shutil.rmtree(out, ignore_errors=True)  # a method killed midway starts over
     run_config = _unlearn_config(
         config, model=str(target), method=method, lr=config.lr, epochs=config.epochs,
-        beta=None if PRESETS[method].forget_loss == "simnpo" else config.beta,
+        # beta is the NPO/DPO/KTO temperature; other presets give it their own meaning
+        beta=config.beta if PRESETS[method].forget_loss in ("npo", "dpo", "kto") else None,
         lora=config.lora, eval_every=0, save_model=False, out=str(out),
     )  # fmt: skip
     started = time.perf_counter()

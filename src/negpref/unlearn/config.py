@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from negpref.config import require
@@ -83,13 +84,18 @@ class UnlearnConfig:
         default="NPO", metadata=_help("method preset: " + ", ".join(PRESETS) + " (any case)")
     )
     beta: float | None = field(
-        default=None, metadata=_help("inverse temperature (preset default: 0.1; SimNPO 2.5)")
+        default=None,
+        metadata=_help(
+            "the method's first hyperparameter (preset default): inverse temperature (0.1; "
+            "SimNPO 2.5), WGA's exponent of p (1), SatImp's beta1 (5), UNDIAL's strength (10)"
+        ),
     )
     gamma: float | None = field(
         default=None,
         metadata=_help(
-            "SimNPO margin (default 0); under --conventions open-unlearning it is their delta "
-            "(margin before beta: gamma = beta * delta)"
+            "the method's second hyperparameter (preset default): SimNPO margin (0; under "
+            "--conventions open-unlearning their delta, margin before beta: gamma = beta * "
+            "delta), SatImp's beta2 (1), CE-U's answer tokens left out at the start (1)"
         ),
     )
     c_forget: float | None = field(
@@ -111,6 +117,19 @@ class UnlearnConfig:
             "mean over the batch, retain KL(ref||policy) over every position, SimNPO delta); "
             "docs/conventions.md",
             choices=list(CONVENTIONS),
+        ),
+    )
+    hidden_layer: int = field(
+        default=7,
+        metadata=_help(
+            "RMU: the decoder block (0-based, model.layers.N) whose output is steered; 0..blocks-2"
+        ),
+    )
+    trainable_params: list[str] = field(
+        default_factory=lambda: [".*"],
+        metadata=_help(
+            "regexes: train only parameters whose full name matches one (others frozen); "
+            "WMDP's RMU: 'model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight'"
         ),
     )
     ref_mode: str = field(
@@ -203,6 +222,12 @@ class UnlearnConfig:
             require(value is None or value >= 0, name, value, "must be >= 0")
         require(self.beta is None or self.beta > 0, "beta", self.beta, "must be > 0")
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        require(self.hidden_layer >= 0, "hidden_layer", self.hidden_layer, "must be >= 0")
+        for pattern in self.trainable_params:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise NegprefError(f"trainable_params: {pattern!r} is not a regex ({e})") from None
         require(not self.merge or self.lora, "merge", self.merge, "needs --lora")
         require(
             not (self.overwrite and self.resume),
@@ -237,4 +262,5 @@ class UnlearnConfig:
             beta=r.beta,
             gamma=r.gamma,
             conventions=conventions,
+            hidden_layer=r.hidden_layer,
         )

@@ -7,8 +7,9 @@ owns files, checkpoints and callbacks; ``negpref bench step-cost`` times it.
 The reference model is frozen and the forget data fixed, so the reference log-probs of every
 forget/refusal sequence are computed once before training and looked up per step (TRL's
 ``precompute_ref_log_probs``). A live reference forward runs only where it must: for the KL
-terms, which need reference *logits*, and with ``ref_mode="live"``. With LoRA the reference is
-the policy with its adapters switched off; otherwise a live reference is a frozen copy.
+terms and the losses that read reference *logits* (UNDIAL) or activations (RMU), and with
+``ref_mode="live"``. With LoRA the reference is the policy with its adapters switched off;
+otherwise a frozen copy.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 
 import torch
 
 from negpref import losses
+from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
 from negpref.training.devices import new_accelerator
 from negpref.unlearn.config import UnlearnConfig
@@ -84,18 +87,53 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+def check_model_settings(model, config: UnlearnConfig, objective: Objective) -> None:
+    """Settings only the loaded model can check, one line each and without side effects, so a
+    caller can check them before writing anything. ``Engine`` checks again on the model it
+    trains: with ``lora`` the parameter names are known once the adapters exist."""
+    if objective.hidden_groups:
+        n_blocks = model.config.num_hidden_layers
+        if not 0 <= objective.hidden_layer <= n_blocks - 2:
+            # the model returns the last block's output only after its final norm
+            raise NegprefError(
+                f"hidden_layer: {objective.hidden_layer} is not a block whose output can be "
+                f"read; this model has {n_blocks} blocks: choose 0..{n_blocks - 2}"
+            )
+    adapters_pending = config.lora and not hasattr(model, "peft_config")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not adapters_pending and not any(_matches(n, config.trainable_params) for n in trainable):
+        raise NegprefError(
+            f"trainable_params: {config.trainable_params} match no trainable parameter name "
+            f"(e.g. {trainable[:3]})"
+        )
+
+
+def restrict_trainable(model, patterns: list[str]) -> None:
+    """Freeze every parameter whose name fully matches none of ``patterns`` (regexes)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not _matches(name, patterns):
+            param.requires_grad_(False)
+
+
 def split_groups(
     out: SequenceLogps, groups: tuple[str, ...], sizes: list[int]
 ) -> dict[str, GroupLogps]:
-    """Cut one batched forward back into its sequence groups."""
+    """Cut one batched forward back into its sequence groups (all it computed, per group)."""
     pieces = {
         name: torch.split(value, sizes)
         for name, value in (
             ("logps", out.logps),
             ("n_tokens", out.n_tokens),
+            ("token_logps", out.token_logps),
+            ("targets", out.targets),
             ("mask", out.mask),
             ("logits", out.logits),
             ("all_logits", out.all_logits),
+            ("hidden", out.hidden),
             ("attention_mask", out.attention_mask),
         )
         if value is not None
@@ -125,10 +163,12 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         if config.lora:
             model = add_lora(model, config)
+        check_model_settings(model, config, objective)
+        restrict_trainable(model, config.trainable_params)
         self.live_ref_groups = tuple(
             g
             for g in objective.groups
-            if g in objective.ref_logit_groups
+            if g in objective.ref_forward_groups
             or (config.ref_mode == "live" and g in objective.ref_logp_groups)
         )
         self.frozen_ref = None
@@ -169,7 +209,9 @@ class Engine:
 
     # --- reference -------------------------------------------------------------------------
     @torch.no_grad()
-    def reference_forward(self, batch: dict[str, torch.Tensor], keep_logits: bool):
+    def reference_forward(
+        self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
+    ):
         """Log-probs under the frozen reference (before training: the policy itself)."""
         if self.frozen_ref is not None:
             model, adapters = self.frozen_ref, contextlib.nullcontext()
@@ -177,7 +219,7 @@ class Engine:
             model = self.unwrapped
             adapters = model.disable_adapter() if self.is_lora else contextlib.nullcontext()
         with self.accelerator.autocast(), eval_mode(model), adapters:
-            return sequence_logps(model, batch, keep_logits=keep_logits)
+            return sequence_logps(model, batch, keep_logits=keep_logits, hidden_layer=hidden_layer)
 
     def precompute_reference(self) -> None:
         """Reference log-probs of every sequence the loss compares, once, before any step.
@@ -205,6 +247,10 @@ class Engine:
             self.data.ref_logps[group] = ref
 
     # --- one step --------------------------------------------------------------------------
+    def _hidden_layer(self, groups: tuple[str, ...]) -> int | None:
+        """The block whose activations a forward returns: only where ``groups`` need them."""
+        return self.objective.hidden_layer if groups else None
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
@@ -213,16 +259,24 @@ class Engine:
         objective, device = self.objective, self.accelerator.device
         groups = objective.groups
         batch = self._to_device(micro.collate(groups, self.pad_id))
-        keep_logits = bool(objective.ref_logit_groups)
         step = split_groups(
-            sequence_logps(self.model, batch, keep_logits=keep_logits),
+            sequence_logps(
+                self.model,
+                batch,
+                keep_logits=objective.needs_logits,
+                hidden_layer=self._hidden_layer(objective.hidden_groups),
+            ),
             groups,
             micro.sizes(groups),
         )
         if self.live_ref_groups:
             ref_batch = self._to_device(micro.collate(self.live_ref_groups, self.pad_id))
             ref = split_groups(
-                self.reference_forward(ref_batch, keep_logits=keep_logits),
+                self.reference_forward(
+                    ref_batch,
+                    keep_logits=bool(objective.ref_logit_groups),
+                    hidden_layer=self._hidden_layer(objective.ref_hidden_groups),
+                ),
                 self.live_ref_groups,
                 micro.sizes(self.live_ref_groups),
             )
@@ -230,6 +284,7 @@ class Engine:
                 step[g].ref_logps = ref_group.logps
                 step[g].ref_logits = ref_group.logits
                 step[g].ref_all_logits = ref_group.all_logits
+                step[g].ref_hidden = ref_group.hidden
         for g in self.precomputed_groups:
             step[g].ref_logps = micro.ref_logps[g].to(device)
         weights = micro.weights.to(device) if micro.weights is not None else None

@@ -2,18 +2,26 @@
 
 ``loss = c_forget * L_forget + c_rt * L_RT + c_rtkl * K_RT - c_fgkl * K_FG``
 
-A *forget loss* is a small function of the per-sequence log-probs of a step (``StepLogps``)
-and the config, registered with the sequence groups it reads:
+A *forget loss* is a small function of one micro-batch's forward (``StepLogps``) and the
+method's two hyperparameters ``beta`` and ``gamma``, registered with what it reads:
 
-- ``forget``: forget question + its answer (the text to unlearn),
-- ``refusal``: forget question + a refusal answer ("I don't know", IDK/DPO/KTO),
-- ``retain``: retain question + answer (the RT and retain-KL terms).
+- the sequence groups: ``forget`` (forget question + its answer, the text to unlearn),
+  ``refusal`` (forget question + a refusal answer, IDK/DPO/KTO), ``retain`` (retain question +
+  answer, the RT and retain-KL terms);
+- of each group, the engine always provides per-sequence log-probs, per-token log-probs, the
+  answer mask and the target ids; the *policy logits* only where ``needs_logits``; reference
+  log-probs for ``ref_groups`` (precomputed once), reference logits for ``ref_logit_groups``
+  and the output of decoder block ``hidden_layer`` for ``hidden_groups`` (policy) and
+  ``ref_hidden_groups`` (reference). Reference logits and activations take a live reference
+  forward every step.
 
-A *preset* names a forget loss and default weights (Table 2 of the NPO paper). Adding a
-method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS`` entry; the engine
-reads only the registries. Under open-unlearning's conventions (``negpref.conventions``) GA
-and SimNPO use the ``OPEN_UNLEARNING_FORGET_LOSSES`` variants and the retain terms are reduced
-as open-unlearning's ``GradDiff`` reduces them.
+A *preset* names a forget loss and default weights (Table 2 of the NPO paper, or the method's
+paper). Adding a method is one function plus one ``FORGET_LOSSES`` entry plus one ``PRESETS``
+entry; the engine reads only the registries. Under open-unlearning's conventions
+(``negpref.conventions``) GA and SimNPO use the ``OPEN_UNLEARNING_FORGET_LOSSES`` variants and
+the retain terms are reduced as open-unlearning's ``GradDiff`` reduces them; the token-level
+methods (WGA, SatImp, UNDIAL, CE-U) have one definition, a mean over the batch's answer tokens,
+and so has RMU.
 """
 
 from __future__ import annotations
@@ -36,9 +44,13 @@ class GroupLogps:
     logps: torch.Tensor  # [n] summed answer-token log-probs under the policy
     n_tokens: torch.Tensor  # [n] answer tokens per sequence
     ref_logps: torch.Tensor | None = None  # [n] same under the frozen reference
-    logits: torch.Tensor | None = None  # [n, T, V] policy logits (KL terms only)
-    ref_logits: torch.Tensor | None = None  # [n, T', V] reference logits (KL terms only)
+    token_logps: torch.Tensor | None = None  # [n, T] per-token log-probs (0 off the answer)
+    targets: torch.Tensor | None = None  # [n, T] the token each position predicts
+    logits: torch.Tensor | None = None  # [n, T, V] policy logits (needs_logits, KL terms)
+    ref_logits: torch.Tensor | None = None  # [n, T', V] reference logits (ref_logit_groups)
     mask: torch.Tensor | None = None  # [n, T] answer mask aligned with logits
+    hidden: torch.Tensor | None = None  # [n, T+1, H] block output (hidden_groups), unshifted
+    ref_hidden: torch.Tensor | None = None  # [n, T'+1, H] same for the reference
     # Unshifted [n, T+1, V] logits and the batch's attention mask (open-unlearning's KL)
     all_logits: torch.Tensor | None = None
     ref_all_logits: torch.Tensor | None = None
@@ -58,12 +70,16 @@ class StepLogps:
 
 @dataclass(frozen=True)
 class ForgetLoss:
-    """A forget term: ``fn(step, beta, gamma) -> scalar`` and the groups it needs."""
+    """A forget term: ``fn(step, beta, gamma) -> scalar`` and what it reads of the forward."""
 
     fn: Callable[[StepLogps, float, float], torch.Tensor]
     groups: tuple[str, ...]  # sequence groups it reads
     ref_groups: tuple[str, ...] = ()  # groups whose reference log-probs it reads
     description: str = ""
+    needs_logits: bool = False  # reads the policy logits of its groups
+    ref_logit_groups: tuple[str, ...] = ()  # groups whose reference logits it reads
+    hidden_groups: tuple[str, ...] = ()  # groups whose block-``hidden_layer`` output it reads
+    ref_hidden_groups: tuple[str, ...] = ()  # same under the reference (a live forward)
 
 
 def _ga(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
@@ -115,6 +131,51 @@ def _sft(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     return losses.nll(s["forget"].logps, s["forget"].n_tokens, s.weights)
 
 
+def _wga(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.wga(s["forget"].token_logps, s["forget"].mask, beta, s.weights)
+
+
+def _satimp(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    return losses.satimp(s["forget"].token_logps, s["forget"].mask, beta, gamma, s.weights)
+
+
+def _undial(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    f = s["forget"]
+    width = f.ref_logits.shape[1]  # the reference batch holds fewer groups: it may be narrower
+    return losses.undial(
+        f.logits[:, :width], f.ref_logits, f.targets[:, :width], f.mask[:, :width], beta, s.weights
+    )
+
+
+def rmu_control_vector(dim: int, steering_coeff: float) -> torch.Tensor:
+    """RMU's fixed direction: a uniform random vector (as the WMDP code draws it) scaled to
+    norm ``steering_coeff``; seeded, so every process and every resumed run has the same."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (u / u.norm() * steering_coeff).float()
+
+
+def _answer_positions(g: GroupLogps) -> torch.Tensor:
+    """The unshifted answer mask ``[n, T+1]`` of hidden states: token t+1 is an answer token
+    where the shifted ``mask`` has position t (a prompt always precedes the answer)."""
+    return torch.nn.functional.pad(g.mask, (1, 0))
+
+
+def _rmu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    forget, retain = s["forget"], s["retain"]
+    control = rmu_control_vector(forget.hidden.shape[-1], beta).to(forget.hidden.device)
+    misdirect = losses.activation_mse(forget.hidden, control, _answer_positions(forget), s.weights)
+    width = retain.ref_hidden.shape[1]  # the reference batch holds fewer groups
+    keep = losses.activation_mse(
+        retain.hidden[:, :width], retain.ref_hidden, _answer_positions(retain)[:, :width]
+    )
+    return misdirect + gamma * keep
+
+
+def _ceu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    f = s["forget"]
+    return losses.ceu(f.logits, f.targets, f.mask, gamma, s.weights)
+
+
 FORGET_LOSSES: dict[str, ForgetLoss] = {
     "ga": ForgetLoss(_ga, ("forget",), (), "gradient ascent on the forget answers"),
     "npo": ForgetLoss(_npo, ("forget",), ("forget",), "negative preference optimization"),
@@ -127,6 +188,30 @@ FORGET_LOSSES: dict[str, ForgetLoss] = {
         _kto, ("forget", "refusal"), ("forget", "refusal"), "KTO, NPO paper eqs. 18-19"
     ),
     "sft": ForgetLoss(_sft, ("forget",), (), "fine-tune on the records (NLL, descending)"),
+    "wga": ForgetLoss(_wga, ("forget",), (), "per-token GA weighted by p^beta (detached)"),
+    "satimp": ForgetLoss(
+        _satimp, ("forget",), (), "per-token GA weighted by p^beta (1-p)^gamma (detached)"
+    ),
+    "undial": ForgetLoss(
+        _undial,
+        ("forget",),
+        description="distil the reference with the true token's logit lowered by beta",
+        needs_logits=True,
+        ref_logit_groups=("forget",),
+    ),
+    "rmu": ForgetLoss(
+        _rmu,
+        ("forget", "retain"),
+        description="forget activations to a scaled random vector, retain ones to the reference",
+        hidden_groups=("forget", "retain"),
+        ref_hidden_groups=("retain",),
+    ),
+    "ceu": ForgetLoss(
+        _ceu,
+        ("forget",),
+        description="cross-entropy to the own distribution without the true token",
+        needs_logits=True,
+    ),
 }
 
 
@@ -181,6 +266,20 @@ PRESETS: dict[str, Preset] = {
     # SimNPO's own TOFU setting (Fan et al. 2024): beta 2.5, margin gamma 0.
     "SimNPO": Preset("simnpo", beta=2.5),
     "SimNPO+RT": Preset("simnpo", c_rt=1.0, beta=2.5),
+    # Token-level methods with open-unlearning's and their papers' defaults (docs/unlearn.md).
+    # WGA (Wang et al. 2025): beta is the exponent of p; their TOFU runs add the retain NLL.
+    "WGA": Preset("wga", beta=1.0),
+    "WGA+RT": Preset("wga", c_rt=1.0, beta=1.0),
+    # SatImp (Yang et al. 2025): beta = beta1 = 5, gamma = beta2 = 1; forget:retain = 10:1.
+    "SatImp": Preset("satimp", beta=5.0, gamma=1.0),
+    "SatImp+RT": Preset("satimp", c_rt=0.1, beta=5.0, gamma=1.0),
+    # UNDIAL (Dong et al. 2025): beta is the strength; the paper uses no retain set.
+    "UNDIAL": Preset("undial", beta=10.0),
+    # CE-U (B. Yang 2025): gamma = answer tokens left out at the start of each answer.
+    "CE-U": Preset("ceu", gamma=1.0),
+    # RMU (Li et al. 2024, WMDP) with open-unlearning's TOFU setting: beta = steering
+    # coefficient 2, gamma = retain activation weight 1 (layer: config.hidden_layer, 7).
+    "RMU": Preset("rmu", beta=2.0, gamma=1.0),
     # Not unlearning: descend the NLL of the `forget` records, i.e. fine-tune on them.
     "SFT": Preset("sft"),
 }
@@ -204,6 +303,7 @@ class Objective:
     beta: float
     gamma: float
     conventions: Conventions = NPO
+    hidden_layer: int = 7  # decoder block whose output hidden-state losses read (RMU)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -222,8 +322,32 @@ class Objective:
 
     @property
     def ref_logit_groups(self) -> tuple[str, ...]:
-        """Groups whose reference *logits* the KL terms read (a live reference forward)."""
-        return tuple(g for g, c in (("forget", self.c_fgkl), ("retain", self.c_rtkl)) if c)
+        """Groups whose reference *logits* the loss or the KL terms read (a live reference
+        forward)."""
+        kl_groups = {g for g, c in (("forget", self.c_fgkl), ("retain", self.c_rtkl)) if c}
+        needed = kl_groups | set(self.forget_loss.ref_logit_groups)
+        return tuple(g for g in GROUPS if g in needed)
+
+    @property
+    def hidden_groups(self) -> tuple[str, ...]:
+        """Groups whose block-``hidden_layer`` activations the loss reads (policy forward)."""
+        return self.forget_loss.hidden_groups
+
+    @property
+    def ref_hidden_groups(self) -> tuple[str, ...]:
+        """Groups whose reference activations the loss reads (a live reference forward)."""
+        return self.forget_loss.ref_hidden_groups
+
+    @property
+    def ref_forward_groups(self) -> tuple[str, ...]:
+        """Groups a live reference forward must run on: reference logits or activations."""
+        needed = set(self.ref_logit_groups) | set(self.ref_hidden_groups)
+        return tuple(g for g in GROUPS if g in needed)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the policy forward keeps its logits (the loss reads them, or a KL term)."""
+        return self.forget_loss.needs_logits or bool(self.ref_logit_groups)
 
     def __call__(self, step: StepLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its unweighted parts (detached, for logging) for one micro-batch."""

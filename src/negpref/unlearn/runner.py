@@ -55,7 +55,7 @@ from negpref.unlearn.dataset import (
     load_qa,
     record_fields,
 )
-from negpref.unlearn.engine import Engine, eval_mode, make_accelerator
+from negpref.unlearn.engine import Engine, check_model_settings, eval_mode, make_accelerator
 from negpref.unlearn.objectives import Objective
 
 REF_CACHE = "reference_logps.safetensors"
@@ -330,6 +330,7 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
     model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
     if config.lora:
         check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
+    check_model_settings(model, config, objective)  # before anything is written
     prompt = config.prompt_format()
     data: UnlearnData = build_data(
         tokenizer,
