@@ -54,3 +54,25 @@ def write_tiny_unlearn_inputs(root):
     for name, recs in (("forget", forget), ("retain", retain)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root
+
+
+def make_unlearn_engine(cfg, tok, forget, retain, idk, model=None):
+    """An unlearning engine on a tiny Llama (or ``model``), reference already precomputed."""
+    from negpref.models import tiny_llama
+    from negpref.unlearn.dataset import build_data
+    from negpref.unlearn.engine import Engine, make_accelerator
+
+    cfg = cfg.resolved()
+    data = build_data(tok, forget, retain, idk, cfg.max_length, cfg.seed)
+    model = model if model is not None else tiny_llama(len(tok), seed=0)
+    engine = Engine(cfg, cfg.objective(), model, tok, data, make_accelerator(cfg))
+    engine.precompute_reference()
+    return engine
+
+
+def perturb(model, seed=1, scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)

@@ -10,14 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import reordered_grad_atol, rounding_bound
+from conftest import make_unlearn_engine, perturb, reordered_grad_atol, rounding_bound
 from negpref import losses
 from negpref.cli import main
 from negpref.data import load_records
 from negpref.models import build_tokenizer, save_model, tiny_llama
 from negpref.unlearn import PRESETS, UnlearnConfig, run
-from negpref.unlearn.dataset import build_data
-from negpref.unlearn.engine import Engine, make_accelerator
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 TOKEN_PRESETS = ["WGA", "WGA+RT", "SatImp", "SatImp+RT", "UNDIAL", "CE-U"]
@@ -244,19 +242,7 @@ def config(tmp_path, **changes):
 
 def make_engine(cfg, tok, records, model=None):
     forget, retain = records
-    data = build_data(tok, forget, retain, None, cfg.max_length, cfg.seed)
-    model = model if model is not None else tiny_llama(len(tok), seed=0)
-    engine = Engine(cfg, cfg.objective(), model, tok, data, make_accelerator(cfg))
-    engine.precompute_reference()
-    return engine
-
-
-def perturb(model, seed=1, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return make_unlearn_engine(cfg, tok, forget, retain, None, model)
 
 
 def alone(model, encoded):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import negpref
-from conftest import rounding_bound
+from conftest import make_unlearn_engine as make_engine
+from conftest import perturb, rounding_bound
 from negpref.data import collate, encode_qa, load_lines, load_records
 from negpref.logprobs import sequence_logps
 from negpref.models import build_tokenizer, tiny_llama
 from negpref.unlearn import FORGET_LOSSES, PRESETS, ForgetLoss, Preset, UnlearnConfig, run
 from negpref.unlearn.dataset import build_data
-from negpref.unlearn.engine import Engine, make_accelerator
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -55,23 +55,6 @@ def config(tmp_path, **changes):
         save_model=False,
     )
     return UnlearnConfig(**{**base, **changes})
-
-
-def make_engine(cfg, tok, forget, retain, idk, model=None):
-    cfg = cfg.resolved()
-    data = build_data(tok, forget, retain, idk, cfg.max_length, cfg.seed)
-    model = model if model is not None else tiny_llama(len(tok), seed=0)
-    engine = Engine(cfg, cfg.objective(), model, tok, data, make_accelerator(cfg))
-    engine.precompute_reference()
-    return engine
-
-
-def perturb(model, seed=1, scale=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def one(model, enc, pad_id, keep_logits=False):
