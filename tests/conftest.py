@@ -57,17 +57,30 @@ def write_tiny_unlearn_inputs(root):
 
 
 def make_unlearn_engine(cfg, tok, forget, retain, idk, model=None):
-    """An unlearning engine on a tiny Llama (or ``model``), reference already precomputed."""
+    """An ``UnlearnTrainer`` on a tiny Llama (or ``model``), reference already precomputed."""
     from negpref.models import tiny_llama
     from negpref.unlearn.dataset import build_data
-    from negpref.unlearn.engine import Engine, make_accelerator
+    from negpref.unlearn.trainer import UnlearnTrainer
 
     cfg = cfg.resolved()
+    if cfg.output_dir in (None, "trainer_output"):
+        cfg = cfg.replace(output_dir="unused", report_to=[])
     data = build_data(tok, forget, retain, idk, cfg.max_length, cfg.seed)
     model = model if model is not None else tiny_llama(len(tok), seed=0)
-    engine = Engine(cfg, cfg.objective(), model, tok, data, make_accelerator(cfg))
-    engine.precompute_reference()
-    return engine
+    trainer = UnlearnTrainer(model, cfg, processing_class=tok, data=data)
+    trainer.precompute_reference()
+    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.total_steps)
+    trainer.current_gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    return trainer
+
+
+def micro_loss(trainer, micro_pairs):
+    """Loss and figures of one micro-batch (stream pairs) through ``compute_loss``."""
+    inputs = trainer._prepare_inputs(trainer.collate(micro_pairs))
+    loss = trainer.compute_loss(trainer.model, inputs)
+    stats = {k: v[-1] for k, v in trainer._step_metrics.items()}
+    trainer._step_metrics.clear()
+    return loss, stats
 
 
 def perturb(model, seed=1, scale=0.05):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import math
 import types
 import typing
@@ -37,33 +38,71 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _own_fields(cls: type) -> set[str]:
+    """Fields ``cls`` declares or redeclares itself, rather than inherits from transformers."""
+    try:
+        from transformers import TrainingArguments
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return {f.name for f in dataclasses.fields(cls)}
+    if not issubclass(cls, TrainingArguments):
+        return {f.name for f in dataclasses.fields(cls)}
+    own: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is TrainingArguments:
+            break
+        own |= set(vars(klass).get("__annotations__", {}))
+    return own
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config`` and one flag per field of dataclass ``cls`` to ``parser``."""
+    """Add ``--config`` and one flag per field of dataclass ``cls`` to ``parser``.
+
+    Fields a config inherits unchanged from ``transformers.TrainingArguments`` are listed in a
+    group of their own; a ``verbosity`` field also gets ``--quiet`` and ``--verbose``.
+    """
     parser.add_argument(
         "--config", type=Path, default=None, help="YAML file of settings (flags override it)"
     )
     hints = typing.get_type_hints(cls)
+    own = _own_fields(cls)
+    inherited = parser.add_argument_group(
+        "transformers.TrainingArguments",
+        "the Trainer's own settings (see its documentation), accepted as they are",
+    )
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
+        if f.metadata.get("cli") is False or not f.init:
             continue
+        target = parser if f.name in own else inherited
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        help_text = f.metadata.get("help", "")
-        if default not in (None, [], ""):
+        help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("%", "%%")
+        if default not in (None, [], "") and not isinstance(default, enum.Enum):
             help_text += f" (default: {default})"
+        elif isinstance(default, enum.Enum):
+            help_text += f" (default: {default.value})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        flags = [_flag(f.name), *f.metadata.get("aliases", [])]
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            target.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif get_origin(tp) in (list, tuple):
             (item,) = get_args(tp)[:1]
-            parser.add_argument(_flag(f.name), nargs="+", type=item, **kwargs)
+            target.add_argument(*flags, nargs="+", type=item, **kwargs)
         else:
-            parser.add_argument(
-                _flag(f.name), type=tp if tp in (int, float, str) else str, **kwargs
+            target.add_argument(*flags, type=tp if tp in (int, float, str) else str, **kwargs)
+    if "verbosity" in hints:
+        quiet = parser.add_mutually_exclusive_group()
+        for word in ("quiet", "verbose"):
+            quiet.add_argument(
+                f"--{word}",
+                dest="verbosity",
+                action="store_const",
+                const=word,
+                default=argparse.SUPPRESS,
+                help=f"verbosity: {word}",
             )
 
 
@@ -80,6 +119,9 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
             raise TypeError
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if tp in (float, int) and isinstance(value, str):
+            # YAML 1.1 reads 1e-5 (no dot) as a string
+            return tp(value)
         if tp is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if tp is str and isinstance(value, (str, Path)):
@@ -90,7 +132,7 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
             return [_coerce(f"{name}[]", v, item, source) for v in items]
         if tp not in (bool, float, int, str):
             return value
-    except TypeError:
+    except (TypeError, ValueError):
         pass
     want = getattr(tp, "__name__", str(tp))
     raise NegprefError(f"{source}: field '{name}' must be {want}, got {value!r}")
@@ -138,9 +180,28 @@ def _read_yaml(path: Path) -> Any:
         ) from None
 
 
+def _absolute(value: Any, base: Path, hub: bool) -> Any:
+    """A path field's value made absolute against ``base`` (a hub id, not on disk, stays)."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    resolved = (base / path).resolve()
+    if hub and not resolved.exists():
+        return value
+    return str(resolved)
+
+
 def build_config(cls: type, args: argparse.Namespace | None = None, **overrides: Any):
-    """Build ``cls`` from defaults, ``args.config`` (YAML), flags in ``args``, then overrides."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Build ``cls`` from defaults, ``args.config`` (YAML), flags in ``args``, then overrides.
+
+    Path fields (``metadata={"path": True}``) become absolute: relative to the YAML file's
+    folder for values from the YAML, to the working directory for flags, so a saved config
+    replays the run from anywhere.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = set(fields)
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     config_path = getattr(args, "config", None) if args is not None else None
@@ -155,14 +216,14 @@ def build_config(cls: type, args: argparse.Namespace | None = None, **overrides:
                 raise NegprefError(
                     f"{source}: unknown field '{key}'; known fields: {', '.join(sorted(names))}"
                 )
-            values[key] = _check_value(key, _coerce(key, value, hints[key], source), source)
+            value = _check_value(key, _coerce(key, value, hints[key], source), source)
+            values[key] = _resolve_path(fields[key], value, Path(config_path).resolve().parent)
     if args is not None:
         for key in names:
             if key in vars(args):
                 flag = _flag(key)
-                values[key] = _check_value(
-                    key, _coerce(key, getattr(args, key), hints[key], flag), flag
-                )
+                value = _check_value(key, _coerce(key, getattr(args, key), hints[key], flag), flag)
+                values[key] = _resolve_path(fields[key], value, Path.cwd())
     values.update(overrides)
     config = cls(**values)
     validate = getattr(config, "validate", None)
@@ -171,13 +232,21 @@ def build_config(cls: type, args: argparse.Namespace | None = None, **overrides:
     return config
 
 
+def _resolve_path(f: dataclasses.Field, value: Any, base: Path) -> Any:
+    if not f.metadata.get("path"):
+        return value
+    return _absolute(value, base, hub=bool(f.metadata.get("hub")))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_config_dict"):  # a TrainingArguments: enums as their values
+        return config.to_config_dict()
     return {
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
     }
 
 
 def require(condition: bool, field: str, value: Any, rule: str) -> None:
-    """Raise a one-line error naming the option when ``condition`` is false."""
+    """Raise a one-line error naming the config field when ``condition`` is false."""
     if not condition:
-        raise NegprefError(f"{_flag(field)}: {rule}, got {value!r}")
+        raise NegprefError(f"{field}: {rule}, got {value!r}")

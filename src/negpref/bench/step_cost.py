@@ -1,7 +1,8 @@
 """Step cost of the unlearning engine on CPU: GA vs NPO with precomputed and live reference.
 
 A randomly initialised Llama-architecture model and random token sequences (no tokenizer, no
-download). Every mode is a real ``negpref.unlearn`` engine taking real optimizer steps; the
+download). Every mode is a real ``UnlearnTrainer`` taking real optimizer steps (the Trainer's
+``training_step``, clipping and AdamW step, as its loop runs them); the
 repetitions are interleaved (mode A, B, C, A, B, C, ...) so that machine noise hits every mode
 alike, and the median step time is reported. Peak memory is the tensor memory of one step:
 what persists across steps (weights, frozen reference copy, optimizer state, reference table)
@@ -21,7 +22,7 @@ from negpref.errors import NegprefError
 from negpref.models import tiny_llama
 from negpref.unlearn import UnlearnConfig
 from negpref.unlearn.dataset import UnlearnData
-from negpref.unlearn.engine import Engine, make_accelerator
+from negpref.unlearn.trainer import UnlearnTrainer
 
 MODES = {
     "ga": dict(method="GA"),
@@ -65,19 +66,20 @@ def _data(args) -> UnlearnData:
     )
 
 
-def _engine(args, mode: str) -> Engine:
+def _trainer(args, mode: str) -> UnlearnTrainer:
     config = UnlearnConfig(
-        batch_size=args.batch,
-        grad_accum=1,
-        lr=1e-5,
-        warmup=0,
-        epochs=1000,
-        out="unused",
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-5,
+        warmup_epochs=0,
+        num_train_epochs=1000,
+        output_dir="unused",
+        report_to="none",
         seed=args.seed,
-        cpu=True,
+        use_cpu=True,
         lora_r=8,
         **MODES[mode],
-    ).resolved()
+    )
     model = tiny_llama(
         args.vocab,
         seed=args.seed,
@@ -88,14 +90,25 @@ def _engine(args, mode: str) -> Engine:
         num_key_value_heads=args.hidden // 64,
         max_position_embeddings=args.seq_len,
     )
-    return Engine(
-        config,
-        config.objective(),
-        model,
-        types.SimpleNamespace(pad_token_id=0),
-        _data(args),
-        make_accelerator(config),
+    trainer = UnlearnTrainer(
+        model, config, processing_class=types.SimpleNamespace(pad_token_id=0), data=_data(args)
     )
+    trainer.create_optimizer_and_scheduler(num_training_steps=trainer.total_steps)
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
+    trainer.model.train()
+    return trainer
+
+
+def train_step(trainer: UnlearnTrainer, step: int) -> None:
+    """One optimizer step the way the Trainer's loop takes it (one micro-batch)."""
+    pairs = trainer.data.stream(step * trainer.effective_batch, trainer.effective_batch)
+    inputs = trainer.collate(pairs)
+    trainer.training_step(trainer.model, inputs)
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._step_metrics.clear()
 
 
 def _tensor_bytes(tensors) -> int:
@@ -107,7 +120,7 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
-def _persistent_bytes(engine: Engine) -> int:
+def _persistent_bytes(engine: UnlearnTrainer) -> int:
     """Tensors that live across steps: weights, frozen copy, optimizer state, ref table."""
     models = [engine.unwrapped] + ([engine.frozen_ref] if engine.frozen_ref is not None else [])
     tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
@@ -116,12 +129,12 @@ def _persistent_bytes(engine: Engine) -> int:
     return _tensor_bytes(tensors)
 
 
-def _step_peak_bytes(engine: Engine, step: int) -> int:
+def _step_peak_bytes(engine: UnlearnTrainer, step: int) -> int:
     """Highest level of the allocations made during one step, above where it started."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        engine.train_step(step)
+        train_step(engine, step)
     events = sorted(
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
@@ -142,7 +155,7 @@ def check(args) -> None:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    engines = {mode: _engine(args, mode) for mode in MODES}
+    engines = {mode: _trainer(args, mode) for mode in MODES}
     start = time.perf_counter()
     engines["npo_precomputed"].precompute_reference()
     precompute_s = time.perf_counter() - start
@@ -151,7 +164,7 @@ def run(args) -> dict:
 
     def take_step(mode: str) -> float:
         t0 = time.perf_counter()
-        engines[mode].train_step(step[mode])
+        train_step(engines[mode], step[mode])
         step[mode] += 1
         return time.perf_counter() - t0
 

@@ -1,28 +1,25 @@
-"""Checkpoints of a training run: accelerate's state (weights, optimizer, RNG) + a JSON state.
+"""Checkpoints of a training run: transformers' ``checkpoint-N`` folders, verified and marked.
 
-Guarantees, each tested:
-- **Atomic**: a checkpoint is written into a ``.partial`` folder and renamed into place; a kill
-  or a full disk mid-save leaves the previous checkpoints as they were (the partial folder is
-  removed, or swept by the next save).
-- **Finite**: a checkpoint whose trainable tensors are not all finite is never written, so a
-  checkpoint called good is good.
-- **Kept**: the newest ``keep`` (default 2) complete checkpoints stay on disk.
+The Trainer writes each ``checkpoint-N`` (weights as safetensors, ``optimizer.pt``,
+``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``); negpref adds, last, a marker
+``negpref_state.json`` holding the run's data fingerprint. Guarantees, each tested:
+- **Complete or ignored**: a checkpoint without its marker (a kill or a full disk mid-save) is
+  not resumed from and is removed by the next resume.
+- **Finite**: the non-finite guard (``negpref.training.trainer``) stops a run before a
+  non-finite update, so no checkpoint holds non-finite weights.
+- **Kept**: the newest ``save_total_limit`` (default 2) checkpoints stay on disk.
 - **Verified on load, nothing executed**: before resuming, every file of the checkpoint is read
-  back -- safetensors fully, ``.bin``/``.pkl`` files with ``torch.load(weights_only=True)`` -- and a
-  checkpoint that is truncated, non-finite or holds anything but tensors and plain data is
-  skipped for the previous one, saying why. negpref registers no custom (pickled) objects with
-  accelerate: schedules and counters live in ``trainer_state.json``; a planted
-  ``custom_checkpoint_*.pkl`` is never read.
-When part of the model is frozen (LoRA), only the trainable tensors are stored: the frozen base
-is reloaded from the model the run names.
+  back -- safetensors fully, ``.bin``/``.pkl``/``.pt``/``.pth`` files with
+  ``torch.load(weights_only=True)`` -- and a checkpoint that is truncated, non-finite or holds
+  anything but tensors and plain data is skipped for the previous one, saying why. negpref
+  writes no pickled objects (no ``training_args.bin``), so a planted one makes the checkpoint
+  unusable rather than run.
+With LoRA only the adapter is stored: the frozen base is reloaded from the model the run names.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,25 +28,30 @@ import torch
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_json
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "negpref_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+PREFIX = "checkpoint-"
 _PICKLED = (".bin", ".pkl", ".pt", ".pth")
 
 
-def checkpoints_root(out: Path) -> Path:
-    return out / "checkpoints"
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[1])
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    found = [p for p in out.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints (those with a state file), newest first."""
-    root = checkpoints_root(out)
-    if not root.is_dir():
-        return []
-    complete = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(complete, key=_step_of, reverse=True)
+    """Complete checkpoints (those with negpref's marker), newest first."""
+    return [p for p in _checkpoint_dirs(out) if (p / STATE_FILE).is_file()]
+
+
+def incomplete_checkpoints(out: Path) -> list[Path]:
+    return [p for p in _checkpoint_dirs(out) if not (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -61,66 +63,19 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def keep_trainable_only(models, weights, output_dir) -> None:
-    """accelerate save-state hook: drop frozen tensors (the reloadable base) from the weights."""
-    for model, state in zip(models, weights, strict=False):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        for name in [k for k in state if k not in trainable]:
-            del state[name]
+def mark_complete(checkpoint: Path, state: dict) -> None:
+    """Write the marker that makes ``checkpoint`` resumable (after everything else)."""
+    atomic_write_json(checkpoint / STATE_FILE, {"step": step_of(checkpoint), **state})
 
 
-def non_finite_parameters(model) -> list[str]:
-    """Names of trainable parameters holding a NaN or an infinity."""
-    return [
-        n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
-    ]
-
-
-def save_checkpoint(
-    accelerator, model, out: Path, step: int, trainer_state: dict, keep: int = 2
-) -> Path:
-    """Write checkpoint ``step`` of ``model`` atomically; keep the newest ``keep``."""
-    bad = non_finite_parameters(model)
-    if bad:
-        raise NegprefError(
-            f"checkpoint at step {step} not written: {len(bad)} parameters are not finite "
-            f"(first: {bad[0]}); lower the learning rate or check the data"
-        )
-    root = checkpoints_root(out)
-    final = root / f"step-{step:06d}"
-    partial = root / f".step-{step:06d}.partial"
-    try:
-        if accelerator.is_main_process:
-            for stale in root.glob(".step-*.partial"):  # left by a killed save
-                shutil.rmtree(stale, ignore_errors=True)
-            partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        # accelerate warns about tied weights it de-duplicates; reloading restores the tie.
-        tied_warnings = logging.getLogger("accelerate.utils.other")
-        level = tied_warnings.level
-        tied_warnings.setLevel(logging.ERROR)
-        try:
-            accelerator.save_state(str(partial), safe_serialization=True)
-        finally:
-            tied_warnings.setLevel(level)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            atomic_write_json(partial / STATE_FILE, trainer_state)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as either
-        shutil.rmtree(partial, ignore_errors=True)
-        previous = latest_checkpoint(out)
-        kept = f"the last complete checkpoint is {previous}" if previous else "no checkpoint"
-        raise NegprefError(
-            f"checkpoint at step {step} could not be written to {root} ({_reason(e)}); {kept}; "
-            "free disk space, then rerun with --resume"
-        ) from None
-    if accelerator.is_main_process:
-        for old in complete_checkpoints(out)[max(keep, 1) :]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def write_error(error: BaseException, out: Path, step: int) -> NegprefError:
+    """The one-line error for a checkpoint that could not be written (a full disk, ...)."""
+    previous = latest_checkpoint(out)
+    kept = f"the last complete checkpoint is {previous}" if previous else "no checkpoint"
+    return NegprefError(
+        f"checkpoint at step {step} could not be written to {out} ({_reason(error)}); {kept}; "
+        "free disk space, then rerun with --resume"
+    )
 
 
 def _reason(error: BaseException) -> str:
@@ -136,11 +91,11 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
     path = checkpoint / STATE_FILE
     try:
         state = read_state(checkpoint)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return f"{STATE_FILE} holds no step"
+        if not isinstance(state, dict) or state.get("step") != step_of(checkpoint):
+            return f"{STATE_FILE} does not hold this checkpoint's step"
+        path = checkpoint / TRAINER_STATE_FILE
+        json.loads(path.read_text(encoding="utf-8"))
         for path in sorted(checkpoint.iterdir()):
-            if path.name.startswith("custom_checkpoint_"):
-                return f"{path.name}: negpref writes no pickled objects; it was put there"
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
@@ -169,14 +124,6 @@ def resumable_checkpoint(out: Path) -> Resumable | None:
         skipped.append(f"checkpoint {checkpoint} is unusable ({problem}); using an older one")
     if skipped:
         raise NegprefError(
-            f"--resume: no usable checkpoint in {checkpoints_root(out)}: "
-            + "; ".join(skipped)
-            + "; start a new run"
+            f"resume: no usable checkpoint in {out}: " + "; ".join(skipped) + "; start a new run"
         )
     return None
-
-
-def load_checkpoint(accelerator, checkpoint: Path, trainable_only: bool) -> dict:
-    """Restore accelerate's state from a verified ``checkpoint``; return its trainer state."""
-    accelerator.load_state(str(checkpoint), strict=not trainable_only)
-    return read_state(checkpoint)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,66 +10,89 @@ from negpref.config import require
 from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
 from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
 from negpref.errors import NegprefError
+from negpref.training.config import NegprefTrainingArguments, _help
 from negpref.unlearn.objectives import PRESETS, Objective, canonical_preset, forget_loss_for
 
 # Fields that may change between a run and its --resume without changing what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "out", "merge"}
+    {
+        "resume",
+        "overwrite",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "eval_every",
+        "output_dir",
+        "merge",
+        "verbosity",
+        "report_to",
+    }
 )
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
-class UnlearnConfig:
-    """Settings of ``negpref unlearn`` / ``negpref.unlearn.run`` (NPO paper defaults)."""
+class UnlearnConfig(NegprefTrainingArguments):
+    """Settings of ``negpref unlearn`` / ``UnlearnTrainer`` (NPO paper defaults).
 
-    # --- model ---
-    model: str = field(
-        default="", metadata=_help("local HF model directory (safetensors), or a hub id if online")
+    Extends ``NegprefTrainingArguments`` (hence ``transformers.TrainingArguments``): the
+    optimisation fields are the Trainer's (``learning_rate``, ``num_train_epochs``,
+    ``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``weight_decay``,
+    ``max_grad_norm``, ``save_strategy``/``save_steps``, ...), with the NPO paper's defaults.
+    """
+
+    # --- TrainingArguments, NPO paper defaults ---
+    learning_rate: float = field(default=1e-5, metadata=_help("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
+    num_train_epochs: float = field(default=10.0, metadata=_help("passes over the forget set"))
+    per_device_train_batch_size: int = field(
+        default=8, metadata=_help("forget items per micro-batch per process")
     )
-    gguf: str | None = field(
-        default=None, metadata=_help("GGUF file (path, or name inside --model) to load instead")
-    )
-    dtype: str = field(
-        default="auto",
+    gradient_accumulation_steps: int = field(
+        default=4,
         metadata=_help(
-            "weights dtype; auto = float32 weights with bf16 autocast on a bf16 GPU, float32 on "
-            "CPU",
-            choices=["auto", "float32", "bfloat16", "float16"],
+            "micro-batches per optimizer step (effective batch = per_device_train_batch_size "
+            "x gradient_accumulation_steps x processes)"
         ),
     )
-    mixed_precision: str = field(
-        default="auto",
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("gradient clipping norm (0 = no clipping)")
+    )
+    save_strategy: str = field(
+        default="epoch",
         metadata=_help(
-            "autocast: auto = bf16 on a bf16 GPU with --dtype auto, else none; bf16 = bf16 "
-            "autocast on any device (CPUs with AVX512-BF16/AMX run it natively); no = none",
-            choices=["auto", "bf16", "no"],
+            "checkpoint at each forget-set epoch end ('epoch'), every save_steps steps "
+            "('steps') or never ('no'); always at the last step unless 'no'",
+            choices=["epoch", "steps", "no"],
         ),
     )
-    allow_pickle: bool = field(
-        default=False, metadata=_help("allow loading pickle (.bin) weights, which can run code")
+    warmup_epochs: float = field(
+        default=1.0,
+        metadata=_help(
+            "linear warm-up length in forget-set epochs, then linear decay to 0 "
+            "(warmup_steps > 0 takes precedence)"
+        ),
     )
-    trust_remote_code: bool = field(
-        default=False, metadata=_help("run model code shipped with the checkpoint")
-    )
-    cpu: bool = field(default=False, metadata=_help("train on the CPU even if a GPU is available"))
     # --- data ---
     forget: str = field(
         default="",
         metadata=_help(
             "forget set: JSON/JSONL records with question+answer (TOFU) or text; optional "
-            "per-record 'weight'. For method SFT: the training set"
+            "per-record 'weight'. For method SFT: the training set",
+            path=True,
+            hub=True,
         ),
     )
     retain: str | None = field(
-        default=None, metadata=_help("retain set (same formats), for the RT and retain-KL terms")
+        default=None,
+        metadata=_help(
+            "retain set (same formats), for the RT and retain-KL terms", path=True, hub=True
+        ),
     )
     idk: str | None = field(
         default=None,
-        metadata=_help("refusal answers, one per line (e.g. idontknow.jsonl), for IDK/DPO/KTO"),
+        metadata=_help(
+            "refusal answers, one per line (e.g. idontknow.jsonl), for IDK/DPO/KTO", path=True
+        ),
     )
     limit: int = field(default=0, metadata=_help("use only the first N forget records (0 = all)"))
     max_length: int = field(
@@ -140,101 +162,86 @@ class UnlearnConfig:
             choices=["precomputed", "live"],
         ),
     )
-    # --- optimisation ---
-    lr: float = field(default=1e-5, metadata=_help("peak learning rate (AdamW)"))
-    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
-    epochs: float = field(default=10.0, metadata=_help("passes over the forget set"))
-    batch_size: int = field(default=8, metadata=_help("forget items per micro-batch per process"))
-    grad_accum: int = field(
-        default=4,
+    # --- evaluation during training ---
+    eval_every: str = field(
+        default="epoch",
         metadata=_help(
-            "micro-batches per optimizer step (effective batch = "
-            "batch_size x grad_accum x processes)"
+            "evaluate at step 0, every N optimizer steps or each forget-set epoch end "
+            "('epoch'), and at the last step: the TOFU evaluation of eval_split and any "
+            "evaluation callbacks"
         ),
     )
-    warmup: float = field(
-        default=1.0, metadata=_help("linear warm-up length in epochs, then linear decay to 0")
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata=_help("gradient clipping norm (0 = no clipping)")
-    )
-    seed: int = field(default=0, metadata=_help("seed of data order, pairing and initialisation"))
-    # --- LoRA ---
-    lora: bool = field(
-        default=False,
-        metadata=_help("train LoRA adapters (peft); the reference is the base with adapters off"),
-    )
-    lora_r: int = field(default=8, metadata=_help("LoRA rank"))
-    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha"))
-    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"],
-        metadata=_help("module names to adapt ('all-linear' = every linear layer but the head)"),
-    )
-    merge: bool = field(
-        default=False, metadata=_help("with --lora, also save the adapter merged into the model")
-    )
-    # --- output ---
-    out: str = field(default="", metadata=_help("run directory"))
-    overwrite: bool = field(default=False, metadata=_help("replace an existing run directory"))
-    resume: bool = field(
-        default=False, metadata=_help("continue the run in --out from its last checkpoint")
-    )
-    save_every: int = field(
-        default=0,
+    eval_split: str | None = field(
+        default=None,
         metadata=_help(
-            "checkpoint every N optimizer steps and at the end (0 = each epoch end, -1 = never)"
+            "TOFU forget split evaluated during training (forget01, forget05, forget10), read "
+            "from eval_data; results in OUT/evals.jsonl, TensorBoard eval/* and summary.json's "
+            "peak_forget_quality (none = no TOFU evaluation)"
         ),
     )
-    save_total_limit: int = field(
-        default=2,
-        metadata=_help("checkpoints kept (newest first); resume falls back to an older one"),
+    eval_data: str | None = field(
+        default=None,
+        metadata=_help(
+            "folder of TOFU files for eval_split (forgetNN_perturbed.json, "
+            "retain_perturbed.json, ...; default $NEGPREF_TOFU_DIR or ../shared/data/tofu)",
+            path=True,
+        ),
     )
-    eval_every: int = field(
-        default=0, metadata=_help("run evaluation callbacks every N steps (0 = each epoch end)")
+    retain_logs: str | None = field(
+        default=None,
+        metadata=_help(
+            "per-item TOFU eval logs of the retain model (TOFU's or open-unlearning's "
+            "format): the forget-quality reference; without it forget_quality is not computed",
+            path=True,
+        ),
     )
-    save_model: bool = field(
+    eval_limit: int = field(
+        default=0, metadata=_help("evaluate the first N items of each TOFU set (0 = all)")
+    )
+    eval_generation: bool = field(
         default=True,
-        metadata=_help("write the final model to OUT/model (off: keep it in memory only)"),
+        metadata=_help("generate answers for ROUGE during evaluation (off: log-prob metrics only)"),
     )
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
         method = canonical_preset(self.method)
         if method is None:
             raise NegprefError(
-                f"--method: unknown preset {self.method!r}; choose one of {', '.join(PRESETS)}"
+                f"method: unknown preset {self.method!r}; choose one of {', '.join(PRESETS)}"
             )
         self.method = method
         get_conventions(self.conventions)
-        self.prompt_format()  # a bad --fallback-template fails before anything loads
-        for name in ("batch_size", "grad_accum", "max_length"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        for name in ("limit", "eval_every"):
+        self.prompt_format()  # a bad fallback_template fails before anything loads
+        require(self.max_length >= 1, "max_length", self.max_length, "must be >= 1")
+        for name in ("limit", "eval_limit"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
-        require(0 < self.epochs < math.inf, "epochs", self.epochs, "must be > 0 and finite")
-        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be finite and > 0")
-        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
-        for name in ("weight_decay", "warmup", "max_grad_norm", "lora_dropout"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        require(
+            self.eval_every == "epoch" or (self.eval_every.isdigit() and int(self.eval_every) > 0),
+            "eval_every",
+            self.eval_every,
+            "must be 'epoch' or a number of steps >= 1",
+        )
+        require(
+            0 < self.num_train_epochs < math.inf,
+            "num_train_epochs",
+            self.num_train_epochs,
+            "must be > 0 and finite",
+        )
+        require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
         for name in ("c_forget", "c_rt", "c_rtkl", "c_fgkl"):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")
         require(self.beta is None or self.beta > 0, "beta", self.beta, "must be > 0")
-        require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
         require(self.hidden_layer >= 0, "hidden_layer", self.hidden_layer, "must be >= 0")
         for pattern in self.trainable_params:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise NegprefError(f"trainable_params: {pattern!r} is not a regex ({e})") from None
-        require(not self.merge or self.lora, "merge", self.merge, "needs --lora")
-        require(
-            not (self.overwrite and self.resume),
-            "resume",
-            self.resume,
-            "conflicts with --overwrite",
-        )
 
     def resolved(self) -> UnlearnConfig:
         """A copy with every preset-dependent field (None) filled from the preset."""
@@ -245,7 +252,7 @@ class UnlearnConfig:
             for name in ("beta", "gamma", "c_forget", "c_rt", "c_rtkl", "c_fgkl")
             if getattr(self, name) is None
         }
-        return dataclasses.replace(self, **fill)
+        return self.replace(**fill)
 
     def prompt_format(self) -> PromptFormat:
         return prompt_from_config(self)

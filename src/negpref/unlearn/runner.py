@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import shutil
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
-from negpref.config import config_to_dict
 from negpref.errors import NegprefError
 from negpref.io import (
     append_jsonl,
@@ -46,6 +45,7 @@ from negpref.models import (
     save_model,
 )
 from negpref.training import checkpoint as ckpt
+from negpref.training.trainer import NonFiniteStep
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
     UnlearnData,
@@ -55,8 +55,8 @@ from negpref.unlearn.dataset import (
     load_qa,
     record_fields,
 )
-from negpref.unlearn.engine import Engine, check_model_settings, eval_mode, make_accelerator
 from negpref.unlearn.objectives import Objective
+from negpref.unlearn.trainer import UnlearnTrainer, check_model_settings, eval_mode
 
 REF_CACHE = "reference_logps.safetensors"
 BASE_MODEL_DIR = "base_model"  # a GGUF base, saved for the LoRA adapter to point at
@@ -95,7 +95,7 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
     warnings: list[str] = []
     if forget is None:
         if not config.forget:
-            raise NegprefError("--forget: required (a JSON/JSONL file of question/answer records)")
+            raise NegprefError("forget: required (a JSON/JSONL file of question/answer records)")
         forget = config.forget
     forget = load_qa(forget, "forget records", config.max_length)
     if config.limit:
@@ -104,17 +104,17 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
     if "refusal" in groups:
         if record_fields(forget[0]) != ("question", "answer"):
             raise NegprefError(
-                f"--method {config.method}: needs question/answer forget records, got text records"
+                f"method {config.method}: needs question/answer forget records, got text records"
             )
         if idk is None:
             if not config.idk:
                 raise NegprefError(
-                    f"--idk: method {config.method} needs refusal answers, one per line "
+                    f"idk: method {config.method} needs refusal answers, one per line "
                     "(e.g. tofu/idontknow.jsonl)"
                 )
             idk = load_idk(config.idk, config.max_length)
         if not idk:
-            raise NegprefError("--idk: no refusal answers given")
+            raise NegprefError("idk: no refusal answers given")
     elif idk is not None or config.idk:
         warnings.append(f"refusal answers are not used by method {config.method}")
         idk = None
@@ -122,7 +122,7 @@ def _load_inputs(config, objective: Objective, forget, retain, idk) -> _Inputs:
         if retain is None:
             if not config.retain:
                 raise NegprefError(
-                    f"--retain: method {config.method} (c_rt={config.c_rt}, "
+                    f"retain: method {config.method} (c_rt={config.c_rt}, "
                     f"c_rtkl={config.c_rtkl}) needs a retain set"
                 )
             retain = config.retain
@@ -151,7 +151,7 @@ def _load_model(config, model, tokenizer, device):
             model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device), tokenizer
     if not (config.model or config.gguf):
-        raise NegprefError("--model: required (a model directory, or --gguf FILE)")
+        raise NegprefError("model: required (a model directory, or gguf: a GGUF file)")
     spec = ModelSpec(
         path=config.model,
         gguf=config.gguf,
@@ -168,44 +168,44 @@ def _check_resume(out: Path, config_dict: dict) -> ckpt.Resumable | None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         if out.exists() and any(out.iterdir()):
-            raise NegprefError(f"--resume: {out} holds no negpref run (no config.yaml)")
+            raise NegprefError(f"resume: {out} holds no negpref run (no config.yaml)")
         return None
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     # A field added after the run started was at its default then.
-    defaults = config_to_dict(UnlearnConfig())
+    defaults = UnlearnConfig().to_config_dict()
     changed = [
-        f"{k} ({saved.get(k, defaults[k])!r} -> {v!r})"
+        f"{k} ({saved.get(k, defaults.get(k))!r} -> {v!r})"
         for k, v in config_dict.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
     ]
     if changed:
         raise NegprefError(
-            f"--resume: {out} was started with other settings: {', '.join(changed)}; resume "
+            f"resume: {out} was started with other settings: {', '.join(changed)}; resume "
             "with the same settings or start a new run"
         )
     return ckpt.resumable_checkpoint(out)
 
 
-def _reference_cache(engine: Engine, out: Path, fingerprint: str, is_main: bool) -> float:
+def _reference_cache(trainer: UnlearnTrainer, out: Path, fingerprint: str, progress: bool) -> float:
     """Load the run's precomputed reference, or compute and store it; seconds spent."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    groups = engine.precomputed_groups
+    groups = trainer.precomputed_groups
     if not groups:
         return 0.0
     path = out / REF_CACHE
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             if f.metadata().get("fingerprint") == fingerprint and set(groups) <= set(f.keys()):
-                engine.data.ref_logps = {g: f.get_tensor(g) for g in groups}
+                trainer.data.ref_logps = {g: f.get_tensor(g) for g in groups}
                 return 0.0
     start = time.perf_counter()
-    engine.precompute_reference()
+    trainer.precompute_reference(progress=progress)
     seconds = time.perf_counter() - start
-    if is_main:
+    if trainer.accelerator.is_main_process:
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(engine.data.ref_logps, str(tmp), metadata={"fingerprint": fingerprint})
+        save_file(trainer.data.ref_logps, str(tmp), metadata={"fingerprint": fingerprint})
         os.replace(tmp, path)
     return seconds
 
@@ -234,17 +234,17 @@ def _save_gguf_base(model, tokenizer, out: Path) -> Path:
 
 
 def _save_final(
-    engine: Engine, tokenizer, out: Path, final_out: Path, config
+    trainer: UnlearnTrainer, tokenizer, out: Path, final_out: Path, config
 ) -> tuple[Any, dict[str, str]]:
     """Write the final model into ``out`` (staged, then renamed); paths are ``final_out``'s."""
-    model = engine.unwrapped
+    model = trainer.unwrapped
     written: dict[str, str] = {}
 
     def staged(name: str, save) -> None:
         _staged(out, name, save)
         written[f"{name}_dir"] = str(final_out / name)
 
-    is_main = engine.accelerator.is_main_process
+    is_main = trainer.accelerator.is_main_process
     if config.lora:
         if is_main and config.save_model:
             if config.gguf:  # what peft's AutoPeftModel* will load as the base
@@ -274,43 +274,45 @@ def run(
     ``forget_records`` / ``retain_records``: a list of dicts, a ``datasets.Dataset`` or
     ``DatasetDict`` (its ``train`` or only split), or a path; they replace the config's files.
 
-    ``callbacks``: objects with optional ``on_evaluate(state, model, tokenizer) -> dict``
-    (step 0, then every ``eval_every`` steps or each epoch end, and the last step; main
-    process) and ``on_step_end(state, metrics)`` (every step, every process).
+    ``callbacks``: ``transformers.TrainerCallback`` objects, or objects with optional
+    ``on_evaluate(state, model, tokenizer) -> dict`` (step 0, then every ``eval_every`` steps
+    or each epoch end, and the last step; main process) and ``on_step_end(state, metrics)``
+    (every step, every process).
     """
     config = config.resolved()
     objective = config.objective()
-    if not config.out:
-        raise NegprefError("--out: required (the run directory)")
-    out = check_out_dir(config.out, overwrite=config.overwrite, resume=config.resume)
+    if not config.output_dir or config.output_dir == "trainer_output":
+        raise NegprefError("output_dir: required (the run directory)")
+    out = check_out_dir(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     # --overwrite builds the new run beside the old one and swaps at the end: a killed or
     # failed run leaves the old run whole.
     replacing = config.overwrite and out.is_dir() and any(out.iterdir())
     work = stage_path(out) if replacing else out
     inputs = _load_inputs(config, objective, forget_records, retain_records, idk_answers)
-    accelerator = make_accelerator(config, project_dir=str(work), trackers=["tensorboard"])
-    with _locked(accelerator, out):
-        result = _train(config, objective, inputs, accelerator, work, model, tokenizer, callbacks)
-        if replacing and accelerator.is_main_process:
+    from accelerate import PartialState
+
+    state = PartialState()
+    with _locked(state, out):
+        result = _train(config, objective, inputs, work, model, tokenizer, callbacks)
+        if replacing and state.is_main_process:
             replace_dir(work, out)
-        accelerator.wait_for_everyone()
-    accelerator.end_training()  # closes the trackers (and, with several processes, the group)
+        state.wait_for_everyone()
     result.out_dir = out
     return result
 
 
 @contextlib.contextmanager
-def _locked(accelerator, out: Path):
+def _locked(state, out: Path):
     """The main process holds the run directory's lock; every process learns if it failed."""
     with contextlib.ExitStack() as stack:
         error = None
-        if accelerator.is_main_process:
+        if state.is_main_process:
             try:
                 stack.enter_context(run_dir_lock(out))
                 recover_replaced(out)
             except NegprefError as e:
                 error = str(e)
-        if accelerator.num_processes > 1:
+        if state.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             error = broadcast_object_list([error])[0]
@@ -319,17 +321,42 @@ def _locked(accelerator, out: Path):
         yield
 
 
-def _train(config, objective, inputs, accelerator, out, model, tokenizer, callbacks):
+def _evaluation_callbacks(config: UnlearnConfig, callbacks, tokenizer) -> list:
+    """The caller's callbacks, plus the TOFU evaluation ``eval_split`` asks for."""
+    callbacks = list(callbacks)
+    if config.eval_split:
+        from negpref.eval import TofuEvalCallback, load_tofu_sets
+
+        sets = load_tofu_sets(config.eval_data, config.eval_split, limit=config.eval_limit or None)
+        callbacks.append(
+            TofuEvalCallback(
+                sets,
+                retain_logs=config.retain_logs,
+                batch_size=config.per_device_train_batch_size,
+                max_length=config.max_length,
+                prompt=config.prompt_format(),
+                conventions=config.conventions,
+                generate=config.eval_generation,
+            )
+        )
+    return callbacks
+
+
+def _train(config, objective, inputs, out, model, tokenizer, callbacks):
     """The run, in ``out`` (the run directory, or its stage when replacing an old run)."""
-    config_dict = config_to_dict(config)
+    from accelerate import PartialState
+    from transformers import TrainerCallback, set_seed
+
+    state = PartialState()
+    is_main = state.is_main_process
+    config_dict = config.to_config_dict()
     resumable = _check_resume(out, config_dict) if config.resume else None
     resume_from = resumable.checkpoint if resumable is not None else None
-    from accelerate.utils import set_seed
-
     set_seed(config.seed)
-    model, tokenizer = _load_model(config, model, tokenizer, accelerator.device)
+    device = config.device
+    model, tokenizer = _load_model(config, model, tokenizer, device)
     if config.lora:
-        check_lora_targets(model, config.lora_target_modules, "--lora-target-modules")
+        check_lora_targets(model, config.lora_target_modules, "lora_target_modules")
     check_model_settings(model, config, objective)  # before anything is written
     prompt = config.prompt_format()
     data: UnlearnData = build_data(
@@ -341,110 +368,56 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
         config.seed,
         prompt,
     )
+    callbacks = _evaluation_callbacks(config, callbacks, tokenizer)
     warnings = inputs.warnings + (resumable.skipped if resumable is not None else [])
     for group, n in data.truncated.items():
         if n:
             warnings.append(
-                f"{n} {group} sequences truncated to --max-length {config.max_length} tokens",
+                f"{n} {group} sequences truncated to max_length {config.max_length} tokens",
             )
-    if accelerator.is_main_process:
+    if is_main:
         for message in warnings:
             print(f"negpref unlearn: warning: {message}", file=sys.stderr)
     fingerprint = data.fingerprint()
 
-    is_main = accelerator.is_main_process
     if is_main:
-        if out == stage_path(Path(config.out)):
+        if out == stage_path(Path(config.output_dir)):
             shutil.rmtree(out, ignore_errors=True)  # a stage left by a killed --overwrite run
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
-    accelerator.wait_for_everyone()
+        for partial in ckpt.incomplete_checkpoints(out):  # a save a kill interrupted
+            shutil.rmtree(partial, ignore_errors=True)
+    state.wait_for_everyone()
 
     if is_main and config.lora and config.gguf and config.save_model:
         _save_gguf_base(model, tokenizer, out)
-    accelerator.wait_for_everyone()
-    engine = Engine(config, objective, model, tokenizer, data, accelerator)
-    if engine.is_lora:
-        accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
-    precompute_s = _reference_cache(engine, out, fingerprint, is_main)
-
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, trainable_only=engine.is_lora)
-        engine.scheduler.load_state_dict(state["scheduler"])
-        if state["fingerprint"] != fingerprint:
-            raise NegprefError(
-                f"--resume: the data differ from the run's (fingerprint {fingerprint} vs "
-                f"{state['fingerprint']}); resume with the same files and seed"
-            )
-        start_step = state["step"]
-    log = _RunLog(out, accelerator, keep_through=start_step if resume_from is not None else -1)
-    state = TrainState(start_step, engine.epoch_of(start_step), engine.total_steps, out)
-
-    def trainer_state(step: int) -> dict:
-        return {
-            "step": step,
-            "epoch": engine.epoch_of(step),
-            "data_position": step * engine.effective_batch,
-            "seed": config.seed,
-            "fingerprint": fingerprint,
-            "scheduler": engine.scheduler.state_dict(),
-        }
-
-    def evaluate() -> None:
-        if is_main:
-            for cb in callbacks:
-                if hasattr(cb, "on_evaluate"):
-                    with eval_mode(engine.unwrapped) as m:
-                        values = cb.on_evaluate(state, m, tokenizer)
-                    log.evaluation({"step": state.step, "epoch": state.epoch, **(values or {})})
-        accelerator.wait_for_everyone()
+    state.wait_for_everyone()
+    run_log = _RunLog(out, is_main, keep_through=ckpt.step_of(resume_from) if resume_from else -1)
+    hf_callbacks = [c for c in callbacks if isinstance(c, TrainerCallback)]
+    negpref_callbacks = [c for c in callbacks if not isinstance(c, TrainerCallback)]
+    trainer = UnlearnTrainer(
+        model,
+        config.replace(output_dir=str(out)),
+        processing_class=tokenizer,
+        data=data,
+        callbacks=hf_callbacks,
+    )
+    progress = config.verbosity != "quiet"
+    precompute_s = _reference_cache(trainer, out, fingerprint, progress)
+    run_callback = _RunCallback(trainer, run_log, negpref_callbacks, fingerprint, out)
+    trainer.add_callback(run_callback)
 
     train_start = time.perf_counter()
-    if start_step == 0:
-        evaluate()
-    bar = _progress_bar(engine, config, start_step, is_main)
-    engine.model.train()
-    for step in range(start_step + 1, engine.total_steps + 1):
-        t0 = time.perf_counter()
-        metrics = engine.train_step(step - 1)
-        seconds = time.perf_counter() - t0
-        finite, tokens = metrics.pop("finite"), metrics.pop("tokens")
-        weights_finite = not metrics.pop("non_finite_weights", False)
-        metrics = {
-            "step": step,
-            "epoch": round(engine.epoch_of(step), 6),
-            **metrics,
-            "step_s": seconds,
-            "tokens_per_s": tokens / seconds,
-        }
-        log.step(metrics)
-        if not finite:
-            _stop_non_finite(
-                accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
-            )
-        state.step, state.epoch = step, engine.epoch_of(step)
-        for cb in callbacks:
-            if hasattr(cb, "on_step_end"):
-                cb.on_step_end(state, metrics)
-        bar.update(1)
-        bar.set_postfix({k: f"{metrics[m]:.4g}" for k, m in _BAR_FIELDS if m in metrics})
-        last = step == engine.total_steps
-        if last or _due(engine, step, config.eval_every):
-            evaluate()
-        if config.save_every >= 0 and (last or _due(engine, step, config.save_every)):
-            ckpt.save_checkpoint(
-                accelerator,
-                engine.unwrapped,
-                out,
-                step,
-                trainer_state(step),
-                config.save_total_limit,
-            )
-    bar.close()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteStep as e:
+        raise _non_finite_error(trainer, run_callback, e, out, config) from None
     train_s = time.perf_counter() - train_start
 
-    model, written = _save_final(engine, tokenizer, out, Path(config.out), config)
+    model, written = _save_final(trainer, tokenizer, out, Path(config.output_dir), config)
+    from negpref.eval.callback import peak_forget_quality
+
+    peak = peak_forget_quality(run_log.evals)
     summary = {
         "method": config.method,
         "objective": {
@@ -453,97 +426,171 @@ def _train(config, objective, inputs, accelerator, out, model, tokenizer, callba
         },
         "conventions": config.conventions,
         "prompt_format": prompt.describe(tokenizer),
-        "steps": engine.total_steps,
-        "epochs": config.epochs,
-        "effective_batch": engine.effective_batch,
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
+        "steps": trainer.total_steps,
+        "num_train_epochs": config.num_train_epochs,
+        "effective_batch": trainer.effective_batch,
+        "processes": trainer.accelerator.num_processes,
+        "device": str(trainer.args.device),
+        "mixed_precision": trainer.accelerator.mixed_precision,
         "n_forget": data.n_forget,
         "n_retain": len(data.retain),
         "truncated": data.truncated,
         "ref_mode": config.ref_mode,
-        "live_reference_groups": list(engine.live_ref_groups),
+        "live_reference_groups": list(trainer.live_ref_groups),
         "precompute_s": precompute_s,
         "train_s": train_s,
-        "resumed_from_step": start_step if resume_from is not None else None,
-        "final_metrics": log.metrics[-1] if log.metrics else {},
+        "resumed_from_step": ckpt.step_of(resume_from) if resume_from is not None else None,
+        "final_metrics": run_log.metrics[-1] if run_log.metrics else {},
+        "peak_forget_quality": _peak_summary(peak, out),
         "warnings": warnings,
         **written,
     }
     if is_main:
         atomic_write_json(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    return UnlearnResult(model, tokenizer, out, log.metrics, log.evals, summary)
+    state.wait_for_everyone()
+    return UnlearnResult(model, tokenizer, out, run_log.metrics, run_log.evals, summary)
 
 
-_BAR_FIELDS = (("loss", "loss"), ("logp_fg", "logps/forget"), ("nll_rt", "nll/retain"))
+def _peak_summary(peak: dict | None, out: Path) -> dict | None:
+    """The evaluation of highest forget quality and the checkpoint holding that model."""
+    if peak is None:
+        return None
+    checkpoint = out / f"{ckpt.PREFIX}{peak['step']}"
+    return {
+        "step": peak["step"],
+        "epoch": peak.get("epoch"),
+        "forget_quality": peak["forget_quality"],
+        "model_utility": peak.get("model_utility"),
+        "checkpoint": checkpoint.name if (checkpoint / ckpt.STATE_FILE).is_file() else None,
+    }
 
 
-def _progress_bar(engine: Engine, config, start_step: int, is_main: bool):
-    from tqdm.auto import tqdm
+def _non_finite_error(trainer, run_callback, error: NonFiniteStep, out: Path, config):
+    """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
+    good = ckpt.latest_checkpoint(out)
+    step = error.step
+    if (
+        not error.applied
+        and config.save_strategy != "no"
+        and step > 1
+        and (good is None or ckpt.step_of(good) != step - 1)
+    ):  # the bad step was not applied: the weights in memory are step - 1's
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        run_callback.mark(trainer.state.global_step)
+        good = ckpt.latest_checkpoint(out)
+    where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
+    return NegprefError(f"{error}, {where}; lower learning_rate or check the data and model")
 
-    return tqdm(
-        total=engine.total_steps,
-        initial=start_step,
-        desc=f"unlearn {config.method}",
-        disable=not is_main or None,
-        dynamic_ncols=True,
-    )
 
+class _RunCallback(TrainerCallback):
+    """The run directory's logs, negpref-style callbacks, epoch checkpoints and markers."""
 
-def _due(engine: Engine, step: int, every: int) -> bool:
-    """Every ``every`` steps, or at each epoch end when ``every`` is 0."""
-    return step % every == 0 if every > 0 else engine.epoch_boundary(step)
+    def __init__(self, trainer: UnlearnTrainer, run_log, callbacks, fingerprint: str, out: Path):
+        self.trainer, self.run_log, self.callbacks = trainer, run_log, callbacks
+        self.fingerprint, self.out = fingerprint, out
+        self.step_start = time.perf_counter()
+        self.step_s = float("nan")
+        self.saved_step = None
+        self.every = int(trainer.args.eval_every) if trainer.args.eval_every != "epoch" else 0
+
+    def _state(self, step: int) -> TrainState:
+        return TrainState(step, self.trainer.epoch_of(step), self.trainer.total_steps, self.out)
+
+    def _due(self, step: int, every: int) -> bool:
+        """Every ``every`` steps, or at each forget-set epoch end when ``every`` is 0."""
+        return step % every == 0 if every > 0 else self.trainer.epoch_boundary(step)
+
+    def evaluate(self, step: int, args, state, control) -> None:
+        trainer = self.trainer
+        if trainer.accelerator.is_main_process:
+            for cb in self.callbacks:
+                if hasattr(cb, "on_evaluate"):
+                    with eval_mode(trainer.unwrapped) as m:
+                        values = cb.on_evaluate(self._state(step), m, trainer.processing_class)
+                    record = {"step": step, "epoch": trainer.epoch_of(step), **(values or {})}
+                    self.run_log.evaluation(record)
+                    scalars = {
+                        f"eval_{k}": v
+                        for k, v in record.items()
+                        if k not in ("step", "epoch") and isinstance(v, (int, float))
+                    }
+                    state.log_history.append({**scalars, "step": step})
+                    trainer.callback_handler.on_log(args, state, control, logs=scalars)
+        trainer.accelerator.wait_for_everyone()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.evaluate(0, args, state, control)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_s = time.perf_counter() - self.step_start
+        step = state.global_step
+        last = step >= state.max_steps
+        if (args.save_strategy == "epoch" and (last or self.trainer.epoch_boundary(step))) or (
+            args.save_strategy == "steps" and last
+        ):
+            control.should_save = True
+        if last or self._due(step, self.every):
+            self.evaluate(step, args, state, control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        seconds = self.step_s
+        tokens = logs.pop("tokens", 0.0) * args.gradient_accumulation_steps * args.world_size
+        metrics = {
+            "step": state.global_step,
+            **{k: v for k, v in logs.items() if k != "step"},
+            "step_s": seconds,
+            "tokens_per_s": tokens / seconds,
+        }
+        self.run_log.step(metrics)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(self._state(state.global_step), metrics)
+
+    def mark(self, step: int) -> None:
+        if self.trainer.accelerator.is_main_process:
+            checkpoint = self.out / f"{ckpt.PREFIX}{step}"
+            ckpt.mark_complete(
+                checkpoint,
+                {
+                    "epoch": self.trainer.epoch_of(step),
+                    "data_position": step * self.trainer.effective_batch,
+                    "seed": self.trainer.args.seed,
+                    "fingerprint": self.fingerprint,
+                },
+            )
+        self.saved_step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        self.mark(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.saved_step == state.global_step:  # the last step's checkpoint is written
+            control.should_save = False
 
 
 class _RunLog:
-    """``metrics.jsonl``, ``evals.jsonl`` and TensorBoard; lines after a resume point dropped."""
+    """``metrics.jsonl`` and ``evals.jsonl``; lines after a resume point dropped."""
 
-    def __init__(self, out: Path, accelerator, keep_through: int):
-        self.accelerator = accelerator
+    def __init__(self, out: Path, is_main: bool, keep_through: int):
+        self.is_main = is_main
         self.metrics_path, self.evals_path = out / "metrics.jsonl", out / "evals.jsonl"
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
-        if accelerator.is_main_process:
+        if is_main:
             self.metrics = read_jsonl_through(self.metrics_path, keep_through)
             self.evals = read_jsonl_through(self.evals_path, keep_through)
-        if accelerator.log_with:
-            accelerator.init_trackers("tensorboard")
 
     def step(self, metrics: dict) -> None:
         self.metrics.append(metrics)
-        if self.accelerator.is_main_process:
+        if self.is_main:
             append_jsonl(self.metrics_path, metrics)
-            if self.accelerator.log_with:
-                scalars = {k: v for k, v in metrics.items() if k != "step"}
-                self.accelerator.log(scalars, step=metrics["step"])
 
     def evaluation(self, record: dict) -> None:
         self.evals.append(record)
         append_jsonl(self.evals_path, record)
-
-
-def _stop_non_finite(
-    accelerator, engine, out, step, metrics, weights_finite, trainer_state, config
-) -> None:
-    """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
-    good = ckpt.latest_checkpoint(out)
-    if (
-        weights_finite
-        and config.save_every >= 0
-        and step > 1
-        and (good is None or good.name != f"step-{step - 1:06d}")
-    ):  # the bad step was not applied: the weights in memory are step - 1's
-        good = ckpt.save_checkpoint(
-            accelerator, engine.unwrapped, out, step - 1, trainer_state(step - 1),
-            config.save_total_limit,
-        )  # fmt: skip
-    where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-    values = ", ".join(f"{k}={metrics[k]}" for k in bad)
-    if weights_finite:
-        what = f"non-finite {' and '.join(bad)} at step {step} ({values}); the step was not applied"
-    else:
-        what = f"step {step} made the weights non-finite (lr={metrics['lr']:g})"
-    raise NegprefError(f"{what}, {where}; lower --lr or check the data and model")

@@ -1,8 +1,10 @@
-"""The training step: one batched forward, reference log-probs, eq. 17, one optimizer step.
+"""``UnlearnTrainer``: the unlearning objective (eq. 17) on ``negpref``'s Trainer.
 
-``Engine`` holds what a step needs (accelerator, model, optimizer, schedule, reference) and
-exposes ``precompute_reference`` and ``train_step``; ``negpref.unlearn.run`` drives it and
-owns files, checkpoints and callbacks; ``negpref bench step-cost`` times it.
+``compute_loss`` runs every sequence group of a micro-batch (forget, refusal, retain) through
+ONE policy forward, adds the reference log-probs, and evaluates the objective; the loop,
+optimizer and schedule are ``transformers.Trainer``'s (``negpref.training.trainer``).
+``negpref.unlearn.run`` drives it and owns the run directory; ``negpref bench step-cost``
+times its step.
 
 The reference model is frozen and the forget data fixed, so the reference log-probs of every
 forget/refusal sequence are computed once before training and looked up per step (TRL's
@@ -24,9 +26,14 @@ import torch
 from negpref import losses
 from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
-from negpref.training.devices import new_accelerator
+from negpref.training.trainer import NegprefTrainer
 from negpref.unlearn.config import UnlearnConfig
-from negpref.unlearn.dataset import MicroBatch, UnlearnData
+from negpref.unlearn.dataset import (
+    MicroBatch,
+    UnlearnData,
+    build_data,
+    load_qa,
+)
 from negpref.unlearn.objectives import GroupLogps, Objective, StepLogps
 
 
@@ -39,24 +46,6 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
-
-
-def make_accelerator(config: UnlearnConfig, project_dir: str | None = None, trackers=None):
-    """CPU, one GPU (bf16 autocast when supported) or the processes ``accelerate launch`` set."""
-    use_gpu = torch.cuda.is_available() and not config.cpu
-    bf16 = config.mixed_precision == "bf16" or (
-        config.mixed_precision == "auto"
-        and use_gpu
-        and config.dtype == "auto"
-        and torch.cuda.is_bf16_supported()
-    )
-    return new_accelerator(
-        cpu=not use_gpu,
-        mixed_precision="bf16" if bf16 else "no",
-        gradient_accumulation_steps=config.grad_accum,
-        log_with=trackers,
-        project_dir=project_dir,
-    )
 
 
 def add_lora(model, config: UnlearnConfig):
@@ -144,70 +133,131 @@ def split_groups(
     }
 
 
-class Engine:
-    """Model, optimizer, schedule and reference of one run; ``train_step`` is the whole loop body."""
+class ForgetStream(torch.utils.data.Dataset):
+    """Item ``i`` is the ``(forget index, retain index)`` pair at stream position ``i``."""
+
+    def __init__(self, data: UnlearnData, length: int):
+        self.data, self.length = data, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        return self.data.stream(position, 1)[0]
+
+
+class UnlearnTrainer(NegprefTrainer):
+    """Unlearn ``forget_dataset`` from ``model``: a ``transformers.Trainer``.
+
+    ``UnlearnTrainer(model, args, forget_dataset=..., retain_dataset=..., refusal_answers=...,
+    processing_class=tokenizer)`` then ``train()``: datasets are anything ``load_qa`` reads
+    (a ``datasets.Dataset``, a list of dicts, a file path). ``data`` (an encoded
+    ``UnlearnData``) replaces the three. The number of optimizer steps is
+    ``num_train_epochs`` passes over the forget set at the effective batch
+    (``per_device_train_batch_size x gradient_accumulation_steps x processes``), rounded down;
+    warm-up is ``warmup_epochs`` of them unless ``warmup_steps`` is set.
+    """
 
     def __init__(
         self,
-        config: UnlearnConfig,
-        objective: Objective,
         model,
-        tokenizer,
-        data: UnlearnData,
-        accelerator,
+        args: UnlearnConfig,
+        forget_dataset=None,
+        retain_dataset=None,
+        refusal_answers=None,
+        processing_class=None,
+        callbacks=None,
+        data: UnlearnData | None = None,
     ):
-        from transformers import get_linear_schedule_with_warmup
-
-        self.config, self.objective, self.data = config, objective, data
-        self.accelerator, self.tokenizer = accelerator, tokenizer
-        self.pad_id = tokenizer.pad_token_id
-        if config.lora:
-            model = add_lora(model, config)
-        check_model_settings(model, config, objective)
-        restrict_trainable(model, config.trainable_params)
+        if processing_class is None:
+            raise NegprefError("UnlearnTrainer: pass the tokenizer as processing_class")
+        args = args.resolved()
+        objective = args.objective()
+        self.objective, self.pad_id = objective, processing_class.pad_token_id
+        if data is None:
+            data = build_data(
+                processing_class,
+                load_qa(forget_dataset, "forget records", args.max_length),
+                load_qa(retain_dataset, "retain records", args.max_length)
+                if retain_dataset is not None
+                else None,
+                list(refusal_answers) if refusal_answers is not None else None,
+                args.max_length,
+                args.seed,
+                args.prompt_format(),
+            )
+        self.data = data
+        if args.lora and not hasattr(model, "peft_config"):
+            model = add_lora(model, args)
+        check_model_settings(model, args, objective)
+        restrict_trainable(model, args.trainable_params)
         self.live_ref_groups = tuple(
             g
             for g in objective.groups
             if g in objective.ref_forward_groups
-            or (config.ref_mode == "live" and g in objective.ref_logp_groups)
+            or (args.ref_mode == "live" and g in objective.ref_logp_groups)
         )
         self.frozen_ref = None
-        if self.live_ref_groups and not config.lora:
+        if self.live_ref_groups and not args.lora:
             self.frozen_ref = copy.deepcopy(model).requires_grad_(False).eval()
-            self.frozen_ref.to(accelerator.device)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-        self.effective_batch = config.batch_size * config.grad_accum * accelerator.num_processes
-        self.total_steps = max(1, int(config.epochs * data.n_forget // self.effective_batch))
-        warmup_steps = min(
-            self.total_steps, round(config.warmup * data.n_forget / self.effective_batch)
+        self.effective_batch = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         )
-        # Not passed to accelerator.prepare: its wrapper steps the schedule once per process.
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, self.total_steps)
-        # Its state goes into trainer_state.json, not accelerate's pickled custom objects.
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.total_steps = max(
+            1, int(args.num_train_epochs * data.n_forget // self.effective_batch)
+        )
+        warmup = args.warmup_steps or min(
+            self.total_steps, round(args.warmup_epochs * data.n_forget / self.effective_batch)
+        )
+        # The Trainer sees one pass over the stream of exactly total_steps global batches.
+        train_args = args.replace(max_steps=self.total_steps, warmup_steps=warmup)
+        self.run_name_for_progress = f"unlearn {args.method}"
+        super().__init__(
+            model=model,
+            args=train_args,
+            train_dataset=ForgetStream(data, self.total_steps * self.effective_batch),
+            data_collator=self.collate,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        if self.frozen_ref is not None:
+            self.frozen_ref.to(self.args.device)
 
+    # --- data -------------------------------------------------------------------------------
     @property
     def precomputed_groups(self) -> tuple[str, ...]:
         """Groups whose reference log-probs come from the once-computed table."""
         return tuple(g for g in self.objective.ref_logp_groups if g not in self.live_ref_groups)
 
-    @property
-    def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def is_lora(self) -> bool:
-        return self.config.lora
+    def collate(self, pairs: list[tuple[int, int]]) -> dict:
+        """One micro-batch: every group padded into one batch for ONE policy forward."""
+        groups = self.objective.groups
+        micro: MicroBatch = self.data.micro_batch(pairs, groups)
+        inputs = {
+            "policy": micro.collate(groups, self.pad_id),
+            "sizes": micro.sizes(groups),
+            "ref_logps": {g: micro.ref_logps[g] for g in self.precomputed_groups},
+        }
+        if self.live_ref_groups:
+            inputs["reference"] = micro.collate(self.live_ref_groups, self.pad_id)
+            inputs["reference_sizes"] = micro.sizes(self.live_ref_groups)
+        if micro.weights is not None:
+            inputs["weights"] = micro.weights
+        return inputs
 
     def epoch_of(self, step: int) -> float:
+        """Passes over the forget set after optimizer step ``step``."""
         return step * self.effective_batch / self.data.n_forget
 
     def epoch_boundary(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) finished a pass over the forget set."""
         return math.floor(self.epoch_of(step)) > math.floor(self.epoch_of(step - 1))
 
-    # --- reference -------------------------------------------------------------------------
+    # --- reference --------------------------------------------------------------------------
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
     @torch.no_grad()
     def reference_forward(
         self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
@@ -217,23 +267,32 @@ class Engine:
             model, adapters = self.frozen_ref, contextlib.nullcontext()
         else:
             model = self.unwrapped
-            adapters = model.disable_adapter() if self.is_lora else contextlib.nullcontext()
+            adapters = model.disable_adapter() if self.args.lora else contextlib.nullcontext()
         with self.accelerator.autocast(), eval_mode(model), adapters:
             return sequence_logps(model, batch, keep_logits=keep_logits, hidden_layer=hidden_layer)
 
-    def precompute_reference(self) -> None:
+    def precompute_reference(self, progress: bool = False) -> None:
         """Reference log-probs of every sequence the loss compares, once, before any step.
 
         Sequences are sorted by length to pad little; processes share the work and gather.
         """
-        acc = self.accelerator
+        from tqdm.auto import tqdm
+
+        acc, batch_size = self.accelerator, self.args.per_device_train_batch_size
         for group in self.precomputed_groups:
             encoded = self.data.group(group)
             order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
             with acc.split_between_processes(order, apply_padding=True) as shard:
                 values = []
-                for start in range(0, len(shard), self.config.batch_size):
-                    chunk = [encoded[i] for i in shard[start : start + self.config.batch_size]]
+                starts = range(0, len(shard), batch_size)
+                bar = tqdm(
+                    starts,
+                    desc=f"reference log-probs ({group})",
+                    disable=not (progress and acc.is_main_process),
+                    leave=False,
+                )
+                for start in bar:
+                    chunk = [encoded[i] for i in shard[start : start + batch_size]]
                     batch = self._to_device(
                         MicroBatch({group: chunk}, {}, None).collate((group,), self.pad_id)
                     )
@@ -246,39 +305,37 @@ class Engine:
             ref[all_index] = all_values
             self.data.ref_logps[group] = ref
 
-    # --- one step --------------------------------------------------------------------------
+    # --- one micro-batch --------------------------------------------------------------------
     def _hidden_layer(self, groups: tuple[str, ...]) -> int | None:
         """The block whose activations a forward returns: only where ``groups`` need them."""
         return self.objective.hidden_layer if groups else None
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        return {k: v.to(self.args.device) for k, v in batch.items()}
 
-    def micro_loss(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Loss of one micro-batch: every group through ONE policy forward, then eq. 17."""
-        objective, device = self.objective, self.accelerator.device
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Eq. 17 on one micro-batch: every group through ONE policy forward."""
+        objective = self.objective
         groups = objective.groups
-        batch = self._to_device(micro.collate(groups, self.pad_id))
         step = split_groups(
             sequence_logps(
-                self.model,
-                batch,
+                model,
+                inputs["policy"],
                 keep_logits=objective.needs_logits,
                 hidden_layer=self._hidden_layer(objective.hidden_groups),
             ),
             groups,
-            micro.sizes(groups),
+            inputs["sizes"],
         )
         if self.live_ref_groups:
-            ref_batch = self._to_device(micro.collate(self.live_ref_groups, self.pad_id))
             ref = split_groups(
                 self.reference_forward(
-                    ref_batch,
+                    inputs["reference"],
                     keep_logits=bool(objective.ref_logit_groups),
                     hidden_layer=self._hidden_layer(objective.ref_hidden_groups),
                 ),
                 self.live_ref_groups,
-                micro.sizes(self.live_ref_groups),
+                inputs["reference_sizes"],
             )
             for g, ref_group in ref.items():
                 step[g].ref_logps = ref_group.logps
@@ -286,11 +343,12 @@ class Engine:
                 step[g].ref_all_logits = ref_group.all_logits
                 step[g].ref_hidden = ref_group.hidden
         for g in self.precomputed_groups:
-            step[g].ref_logps = micro.ref_logps[g].to(device)
-        weights = micro.weights.to(device) if micro.weights is not None else None
-        loss, parts = objective(StepLogps(step, weights))
-        stats = {"loss": loss.detach(), **parts, **self._logp_stats(step)}
-        return loss, stats, int(batch["attention_mask"].sum())
+            step[g].ref_logps = inputs["ref_logps"][g]
+        loss, parts = objective(StepLogps(step, inputs.get("weights")))
+        tokens = inputs["policy"]["attention_mask"].sum().float()
+        self.store_metrics({"loss": loss.detach(), **parts, **self._logp_stats(step)})
+        self.store_metrics({"tokens": tokens})
+        return (loss, step) if return_outputs else loss
 
     def _logp_stats(self, step: dict[str, GroupLogps]) -> dict[str, torch.Tensor]:
         stats = {}
@@ -306,51 +364,6 @@ class Engine:
             stats["nll/retain"] = self.objective.retain_nll(step["retain"]).detach()
         return stats
 
-    def train_step(self, step_index: int) -> dict[str, float]:
-        """Optimizer step ``step_index`` (0-based): its slice of the stream, split by process.
-
-        Returns the step's metrics averaged over all processes; a non-finite loss or gradient
-        norm leaves the weights untouched (``metrics["finite"]`` is False).
-        """
-        acc, cfg = self.accelerator, self.config
-        pairs = self.data.stream(step_index * self.effective_batch, self.effective_batch)
-        per_process = cfg.batch_size * cfg.grad_accum
-        local = pairs[acc.process_index * per_process : (acc.process_index + 1) * per_process]
-        lr = self.scheduler.get_last_lr()[0]
-        sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        grad_norm = None
-        for a in range(cfg.grad_accum):
-            micro = self.data.micro_batch(
-                local[a * cfg.batch_size : (a + 1) * cfg.batch_size], self.objective.groups
-            )
-            # accelerate skips the gradient all-reduce until the last micro-batch and divides
-            # the loss by grad_accum: equal micro-batches, so the effective-batch mean.
-            with acc.accumulate(self.model):
-                loss, stats, n_tokens = self.micro_loss(micro)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm or math.inf)
-            tokens += n_tokens
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-        keys = sorted(sums)
-        local_vector = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens))])
-        total = acc.reduce(local_vector.to(acc.device), reduction="sum").cpu()
-        n_micro = cfg.grad_accum * acc.num_processes
-        metrics = {k: float(total[i]) / n_micro for i, k in enumerate(keys)}
-        metrics["tokens"] = float(total[-1])
-        metrics["lr"] = lr
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        finite = math.isfinite(metrics["loss"]) and (
-            grad_norm is None or math.isfinite(metrics["grad_norm"])
-        )
-        if finite:  # (under DeepSpeed the engine has already stepped inside backward)
-            self.optimizer.step()
-            self.scheduler.step()
-            # A finite gradient can still overflow the weights (an infinite learning rate).
-            metrics["non_finite_weights"] = not all(torch.isfinite(p).all() for p in self.trainable)
-            finite = not metrics["non_finite_weights"]
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics["finite"] = finite
-        return metrics
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.state.epoch = round(self.epoch_of(self.state.global_step), 6)
+        super().log(logs, start_time)

@@ -1,0 +1,265 @@
+"""``NegprefTrainer``: ``transformers.Trainer`` plus what every negpref run guarantees.
+
+Every language-model training in negpref (unlearning, alignment, U2A's inner unlearning, the
+studies' fine-tuning) is a subclass of this class with its own ``compute_loss``; the loop,
+optimizer (AdamW, no decay on biases and norms), schedule, gradient accumulation, devices,
+DDP/FSDP/DeepSpeed, callbacks, trackers and ``checkpoint-N`` folders are transformers'.
+
+On top of it:
+- **The dataset is the data order.** The train dataset holds the run's items in the order they
+  are trained (a seeded stream, ``negpref.unlearn.dataset``), read sequentially; accelerate
+  shards each global batch over processes, so any process count sees the same global batches
+  and a checkpoint's step number alone restores the position.
+- **Per-step metrics.** ``compute_loss`` hands its figures to ``store_metrics``; ``log``
+  averages them over the step's micro-batches and processes and merges them into the step's
+  log line (TRL's pattern), which reaches ``metrics.jsonl``, TensorBoard and the progress line.
+- **Non-finite guard.** Before the optimizer steps, a non-finite loss or gradient raises
+  ``NonFiniteStep`` (weights, optimizer and schedule untouched); after it, non-finite weights
+  raise too. A checkpoint is therefore only ever written from finite weights.
+- **Nothing pickled.** ``training_args.bin`` (a pickled object) is not written; the run's
+  settings are in ``training_args.json`` and the caller's ``config.yaml``. Checkpoints are
+  loaded with ``weights_only=True`` (transformers) after ``negpref.training.checkpoint``
+  verified every file.
+- **Output a person can follow** (``ProgressLog``): a bar on a terminal, plain periodic lines
+  (step, loss, rate, ETA) otherwise, nothing with ``verbosity: quiet``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from negpref.errors import NegprefError
+from negpref.training import checkpoint as ckpt
+
+TRAINING_ARGS_JSON = "training_args.json"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class NonFiniteStep(NegprefError):
+    """A step whose loss, gradient or resulting weights are not finite.
+
+    ``applied`` says whether the optimizer had stepped (the weights in memory are then bad);
+    ``step`` is the 1-based optimizer step.
+    """
+
+    def __init__(self, step: int, applied: bool, values: dict[str, float]):
+        self.step, self.applied, self.values = step, applied, values
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        if applied:
+            what = f"step {step} made the weights non-finite ({shown})"
+        else:
+            what = f"non-finite {' and '.join(values)} at step {step} ({shown}); not applied"
+        super().__init__(what)
+
+
+class NegprefTrainer(Trainer):
+    """``Trainer`` with a fixed data order, per-step metrics, a finite guard and no pickles.
+
+    Subclasses implement ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``
+    returning the micro-batch's *mean* loss (the Trainer divides by gradient accumulation) and
+    call ``store_metrics`` with its figures.
+    """
+
+    #: words for the progress line, e.g. "unlearn NPO"
+    run_name_for_progress = "train"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our losses are per-micro-batch means: let the Trainer scale them for accumulation.
+        self.model_accepts_loss_kwargs = False
+        self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._loss_finite = True
+        self.remove_callback(ProgressCallback)
+        self.remove_callback(PrinterCallback)
+        self.add_callback(ProgressLog(self))
+        self.add_callback(_FiniteGuard(self))
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, TENSORBOARD_DIR)
+
+    # --- data order -------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+    # --- metrics ----------------------------------------------------------------------------
+    def store_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Figures of one micro-batch (scalars), averaged into the step's log line."""
+        loss = metrics.get("loss")
+        if loss is not None and not torch.isfinite(loss).all():
+            self._loss_finite = False
+        for key, value in metrics.items():
+            self._step_metrics[key].append(value.detach().float().reshape(()))
+
+    def _reduced_step_metrics(self) -> dict[str, float]:
+        """Mean of each stored figure over micro-batches and processes; the store is emptied."""
+        if not self._step_metrics:
+            return {}
+        keys = sorted(self._step_metrics)
+        local = torch.stack([torch.stack(self._step_metrics[k]).mean() for k in keys])
+        self._step_metrics.clear()
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="mean")
+        return {k: float(v) for k, v in zip(keys, total.cpu(), strict=True)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update(self._reduced_step_metrics())
+        super().log(logs, start_time)
+
+    def floating_point_ops(self, inputs) -> int:
+        ids = _first_input_ids(inputs)
+        return 6 * ids.numel() * self.model.num_parameters() if ids is not None else 0
+
+    # --- files ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:  # a full disk surfaces as either
+            partial = Path(self.args.output_dir) / f"{ckpt.PREFIX}{self.state.global_step}"
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ckpt.write_error(e, Path(self.args.output_dir), self.state.global_step) from None
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                f.write(self.args.to_json_string())
+
+
+def _first_input_ids(inputs):
+    if isinstance(inputs, dict):
+        if isinstance(inputs.get("input_ids"), torch.Tensor):
+            return inputs["input_ids"]
+        for value in inputs.values():
+            found = _first_input_ids(value)
+            if found is not None:
+                return found
+    return None
+
+
+class _FiniteGuard(TrainerCallback):
+    """Raise ``NonFiniteStep`` before a non-finite update, or after one that broke weights."""
+
+    def __init__(self, trainer: NegprefTrainer):
+        self.trainer = trainer
+
+    def _all_processes(self, ok: bool) -> bool:
+        acc = self.trainer.accelerator
+        flag = torch.tensor(float(ok), device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() == acc.num_processes)
+
+    def _trainable(self):
+        return [p for p in self.trainer.model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        grads_ok = all(
+            torch.isfinite(p.grad).all() for p in self._trainable() if p.grad is not None
+        )
+        loss_ok, trainer._loss_finite = trainer._loss_finite, True
+        if not self._all_processes(bool(grads_ok) and loss_ok):
+            bad = {}
+            if not loss_ok:
+                bad["loss"] = float("nan")
+            if not grads_ok:
+                bad["grad_norm"] = float("nan")
+            trainer._step_metrics.clear()
+            raise NonFiniteStep(state.global_step + 1, applied=False, values=bad or {"loss": 0})
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        ok = all(torch.isfinite(p).all() for p in self._trainable())
+        if not self._all_processes(bool(ok)):
+            lr = self.trainer.lr_scheduler.get_last_lr()[0]
+            raise NonFiniteStep(state.global_step + 1, applied=True, values={"lr": lr})
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog(TrainerCallback):
+    """Progress a person can follow, on a terminal or in a log file.
+
+    ``verbosity``: ``quiet`` prints nothing; ``normal`` shows a bar on a terminal and, when
+    stdout is not one, a plain line at most every ``line_every_s`` seconds (and the last
+    step); ``verbose`` prints a plain line every step. The figures shown are the step's.
+    """
+
+    FIELDS = (("loss", "loss"), ("logps/forget", "logp_fg"), ("nll/retain", "nll_rt"))
+    line_every_s = 30.0
+
+    def __init__(self, trainer: NegprefTrainer):
+        self.trainer = trainer
+        self.bar = None
+        self.start = self.first_step = None
+        self.last_line = -math.inf
+
+    @property
+    def verbosity(self) -> str:
+        return getattr(self.trainer.args, "verbosity", "normal")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        if not state.is_world_process_zero or self.verbosity != "normal" or not _is_tty():
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=state.max_steps,
+            initial=state.global_step,
+            desc=self.trainer.run_name_for_progress,
+            dynamic_ncols=True,
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        shown = {name: logs[key] for key, name in self.FIELDS if key in logs}
+        if self.bar is not None:
+            self.bar.n = state.global_step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+            return
+        now = time.perf_counter()
+        last = state.global_step >= state.max_steps
+        due = self.verbosity == "verbose" or now - self.last_line >= self.line_every_s
+        if self.verbosity == "quiet" or not (due or last):
+            return
+        self.last_line = now
+        done = state.global_step - self.first_step
+        rate = done / max(now - self.start, 1e-9)
+        eta = (state.max_steps - state.global_step) / rate if rate > 0 else math.inf
+        figures = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        print(
+            f"{self.trainer.run_name_for_progress}: step {state.global_step}/{state.max_steps} "
+            f"{figures} {1 / rate if rate > 0 else math.inf:.3g} s/step "
+            f"ETA {_format_eta(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.n = state.global_step
+            self.bar.close()
+            self.bar = None
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
