@@ -83,6 +83,13 @@ def micro_loss(trainer, micro_pairs):
     return loss, stats
 
 
+def train_step(trainer, step):
+    """One optimizer step of ``trainer`` at stream step ``step``: its averaged figures."""
+    from negpref.bench.step_cost import train_step as trainer_step
+
+    return trainer_step(trainer, step)
+
+
 def perturb(model, seed=1, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

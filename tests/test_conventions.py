@@ -18,16 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_unlearn_engine, micro_loss
 from negpref import losses
 from negpref.conventions import NPO, OPEN_UNLEARNING, get_conventions
 from negpref.data import collate, load_records
 from negpref.errors import NegprefError
 from negpref.eval import mia
 from negpref.logprobs import token_logps_from_logits
-from negpref.models import build_tokenizer, tiny_llama
+from negpref.models import build_tokenizer
 from negpref.unlearn import UnlearnConfig
-from negpref.unlearn.dataset import build_data
-from negpref.unlearn.engine import Engine, make_accelerator
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 IGNORE = -100  # the label of a token that carries no loss (HF / open-unlearning)
@@ -203,19 +202,21 @@ def engine_step(tok, records, **changes):
     """One micro-batch of the engine with a perturbed policy, and its groups' sequences."""
     forget, retain = records
     cfg = UnlearnConfig(
-        model="unused", forget="unused", out="unused", batch_size=4, grad_accum=1, **changes
+        model="unused",
+        forget="unused",
+        output_dir="unused",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        **changes,
     ).resolved()
-    data = build_data(tok, forget, retain, None, cfg.max_length, cfg.seed)
-    engine = Engine(
-        cfg, cfg.objective(), tiny_llama(len(tok), seed=0), tok, data, make_accelerator(cfg)
-    )
-    engine.precompute_reference()
+    engine = make_unlearn_engine(cfg, tok, forget, retain, None)
+    data = engine.data
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move the policy away from its reference: the KL is not 0
         for p in engine.unwrapped.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     micro = data.micro_batch(data.stream(0, 4), engine.objective.groups)
-    _, stats, _ = engine.micro_loss(micro)
+    _, stats = micro_loss(engine, data.stream(0, 4))
     return engine, micro, stats
 
 
@@ -290,8 +291,10 @@ def test_engine_default_keeps_the_npo_paper_terms(tok, records):
 
 
 def test_conventions_are_recorded_in_the_config():
-    cfg = UnlearnConfig(model="m", forget="f", out="o", conventions="open-unlearning")
+    cfg = UnlearnConfig(model="m", forget="f", output_dir="o", conventions="open-unlearning")
     assert cfg.objective().conventions is OPEN_UNLEARNING
     assert cfg.objective().forget_loss.description == "negative preference optimization"
-    cfg = UnlearnConfig(model="m", forget="f", out="o", method="GA", conventions="open-unlearning")
+    cfg = UnlearnConfig(
+        model="m", forget="f", output_dir="o", method="GA", conventions="open-unlearning"
+    )
     assert cfg.objective().forget_loss.description == "gradient ascent, answer-token mean"

@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
         retain=str(root / "retain.jsonl"), method="NPO+RT", batch_size=4, grad_accum=1, epochs=2,
         lr=3e-3, save_every=1, seed=1,
     )  # fmt: skip
-    run(UnlearnConfig(**base, out=str(root / "straight")))
+    run(UnlearnConfig(**base, output_dir=str(root / "straight")))
     return root, base
 
 
@@ -156,21 +156,23 @@ def test_a_second_run_on_a_locked_out_dir_is_refused(setup, tmp_path):
     _, base = setup
     out = tmp_path / "run"
     with run_dir_lock(out), pytest.raises(NegprefError, match="another negpref run"):
-        run(UnlearnConfig(**base, out=str(out)))
+        run(UnlearnConfig(**base, output_dir=str(out)))
     assert not out.exists()  # refused before anything was written
-    run(UnlearnConfig(**{**base, "epochs": 1}, out=str(out)))  # the lock went with its holder
+    run(
+        UnlearnConfig(**{**base, "epochs": 1}, output_dir=str(out))
+    )  # the lock went with its holder
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(setup, tmp_path):
     _, base = setup
     out = tmp_path / "run"
-    run(UnlearnConfig(**{**base, "epochs": 1}, out=str(out)))
+    run(UnlearnConfig(**{**base, "epochs": 1}, output_dir=str(out)))
     old = weights(out)
     with pytest.raises(Interrupt):
-        run(UnlearnConfig(**base, out=str(out), overwrite=True), callbacks=[StopAfter(3)])
+        run(UnlearnConfig(**base, output_dir=str(out), overwrite=True), callbacks=[StopAfter(3)])
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # the old run, whole
     assert all(torch.equal(old[k], v) for k, v in weights(out).items())
-    result = run(UnlearnConfig(**base, out=str(out), overwrite=True))
+    result = run(UnlearnConfig(**base, output_dir=str(out), overwrite=True))
     assert result.out_dir == out and result.summary["model_dir"] == str(out / "model")
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert not stage_path(out).exists()
@@ -191,7 +193,7 @@ def test_replacing_a_directory_survives_a_kill_between_its_renames(tmp_path):
 
 def test_an_infinite_learning_rate_is_refused():
     with pytest.raises(NegprefError, match="lr"):
-        UnlearnConfig(lr=float("inf"), forget="f", out="o").validate()
+        UnlearnConfig(learning_rate=float("inf"), forget="f", output_dir="o").validate()
 
 
 def test_weights_that_turn_non_finite_stop_the_run_at_the_last_good_checkpoint(
@@ -212,7 +214,7 @@ def test_weights_that_turn_non_finite_stop_the_run_at_the_last_good_checkpoint(
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     with pytest.raises(NegprefError, match=r"step 2 made the weights non-finite.*step-000001"):
-        run(UnlearnConfig(**base, out=str(out)))
+        run(UnlearnConfig(**base, output_dir=str(out)))
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000001"]
     assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(out)) is None
 
@@ -234,7 +236,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error(setup, tmp_path, mon
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     with pytest.raises(NegprefError, match=r"step 2 could not be written.*No space left.*--resume"):
-        run(UnlearnConfig(**base, out=str(out)))
+        run(UnlearnConfig(**base, output_dir=str(out)))
     root = ckpt.checkpoints_root(out)
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .partial left
 

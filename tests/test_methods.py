@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_unlearn_engine, perturb, reordered_grad_atol, rounding_bound
+from conftest import (
+    make_unlearn_engine,
+    micro_loss,
+    perturb,
+    reordered_grad_atol,
+    rounding_bound,
+    train_step,
+)
 from negpref import losses
 from negpref.cli import main
 from negpref.data import load_records
@@ -215,7 +222,9 @@ def tok(records):
 def memorized(tok, records, tmp_path_factory):
     """A tiny model fitted to the forget answers (token probabilities 0.2-0.94 between the
     10th and 90th percentile): at a random model's p ~ 1/V the weights p^beta are all ~0."""
-    cfg = config(tmp_path_factory.mktemp("sft"), method="SFT", epochs=40, lr=1e-2)
+    cfg = config(
+        tmp_path_factory.mktemp("sft"), method="SFT", num_train_epochs=40, learning_rate=1e-2
+    )
     model = run(cfg, model=tiny_llama(len(tok), seed=0), tokenizer=tok, forget_records=records[0])
     return model.model.eval().state_dict()
 
@@ -228,13 +237,13 @@ def fresh(tok, state):
 
 def config(tmp_path, **changes):
     base = dict(
-        out=str(tmp_path / "run"),
-        batch_size=4,
-        grad_accum=1,
-        epochs=1,
-        warmup=0,
-        lr=1e-3,
-        save_every=-1,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        warmup_epochs=0,
+        learning_rate=1e-3,
+        save_strategy="no",
         save_model=False,
     )
     return UnlearnConfig(**{**base, **changes}).resolved()
@@ -315,7 +324,7 @@ def test_engine_step_equals_the_hand_formula(tmp_path, tok, records, memorized, 
     engine.unwrapped.eval()
     hand_policy = copy.deepcopy(engine.unwrapped)
     reference = fresh(tok, memorized)
-    loss, stats, _ = engine.micro_loss(micro)
+    loss, stats = micro_loss(engine, pairs)
     loss.backward()
     expected = hand_loss(method, hand_policy, reference, engine.data, pairs)
     expected.backward()
@@ -360,7 +369,7 @@ def test_undial_with_lora_uses_the_base_with_adapters_off(tmp_path, tok, records
     micro = engine.data.micro_batch(pairs, engine.objective.groups)
     engine.unwrapped.eval()
     with torch.no_grad():
-        loss, stats, _ = engine.micro_loss(micro)
+        loss, stats = micro_loss(engine, pairs)
         base = fresh(tok, memorized)
         expected = hand_loss("UNDIAL", base, base, engine.data, pairs)
     n_tokens = max(len(e.input_ids) for e in micro.encoded["forget"])
@@ -375,12 +384,17 @@ def test_one_optimizer_step_reports_the_hand_loss(tmp_path, tok, records, memori
     pairs = engine.data.stream(0, 4)
     with torch.no_grad():
         expected = hand_loss("SatImp+RT", copy.deepcopy(engine.unwrapped), None, engine.data, pairs)
-    before = [p.detach().clone() for p in engine.trainable]
-    metrics = engine.train_step(0)
+    before = [p.detach().clone() for p in [p for p in engine.model.parameters() if p.requires_grad]]
+    metrics = train_step(engine, 0)
     n_tokens = max(len(e.input_ids) for e in engine.data.forget + engine.data.retain)
     atol = loss_atol(metrics, len(tok), n_tokens)
-    assert metrics["finite"] and metrics["loss"] == pytest.approx(expected.item(), abs=atol)
-    assert any(not torch.equal(b, p) for b, p in zip(before, engine.trainable, strict=True))
+    assert metrics["loss"] == pytest.approx(expected.item(), abs=atol)
+    assert any(
+        not torch.equal(b, p)
+        for b, p in zip(
+            before, [p for p in engine.model.parameters() if p.requires_grad], strict=True
+        )
+    )
 
 
 def test_conventions_leave_the_token_level_terms_alone(tmp_path, tok, records):
@@ -391,9 +405,8 @@ def test_conventions_leave_the_token_level_terms_alone(tmp_path, tok, records):
             config(tmp_path, method="WGA+RT", conventions=conventions), tok, records
         )
         perturb(engine.unwrapped)
-        micro = engine.data.micro_batch(engine.data.stream(0, 4), engine.objective.groups)
         with torch.no_grad():
-            stats[conventions] = engine.micro_loss(micro)[1]
+            stats[conventions] = micro_loss(engine, engine.data.stream(0, 4))[1]
     npo, ou = stats["npo"], stats["open-unlearning"]
     assert float(npo["loss/forget"]) == float(ou["loss/forget"])
     assert float(npo["loss/retain"]) != float(ou["loss/retain"])
@@ -405,7 +418,7 @@ def test_conventions_leave_the_token_level_terms_alone(tmp_path, tok, records):
 @pytest.mark.parametrize("method", [*TOKEN_PRESETS, "RMU"])
 def test_every_new_preset_runs_by_name_and_unlearns(tmp_path, tok, records, memorized, method):
     forget, retain = records
-    cfg = config(tmp_path, method=method.lower(), epochs=2, hidden_layer=0)
+    cfg = config(tmp_path, method=method.lower(), num_train_epochs=2, hidden_layer=0)
     res = run(
         cfg,
         model=fresh(tok, memorized),
@@ -428,7 +441,16 @@ def test_cli_runs_a_token_level_preset(tmp_path, tok, records, capsys):
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
     argv = ["unlearn", "--model", str(tmp_path / "model"), "--forget", str(paths["forget"])]
     argv += ["--retain", str(paths["retain"]), "--out", str(tmp_path / "run"), "--json"]
-    argv += ["--method", "wga+rt", "--batch-size", "4", "--grad-accum", "1", "--epochs", "1"]
+    argv += [
+        "--method",
+        "wga+rt",
+        "--per-device-train-batch-size",
+        "4",
+        "--gradient-accumulation-steps",
+        "1",
+        "--num-train-epochs",
+        "1",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "WGA+RT" and summary["steps"] == 2
@@ -508,7 +530,7 @@ def test_rmu_engine_step_equals_the_hand_formula(tmp_path, tok, records, memoriz
     micro = engine.data.micro_batch(pairs, engine.objective.groups)
     engine.unwrapped.eval()
     hand_policy = copy.deepcopy(engine.unwrapped)
-    loss, _, _ = engine.micro_loss(micro)
+    loss, _ = micro_loss(engine, pairs)
     loss.backward()
     misdirect, keep = hand_rmu(hand_policy, fresh(tok, memorized), engine.data, pairs, 2.0)
     expected = misdirect + 1.0 * keep  # alpha (gamma) 1
@@ -536,14 +558,15 @@ def test_trainable_params_restrict_what_moves(tmp_path, tok, records, memorized)
     cfg = config(tmp_path, method="RMU", hidden_layer=0, trainable_params=[only])
     engine = make_engine(cfg, tok, records, fresh(tok, memorized))
     before = {n: p.detach().clone() for n, p in engine.unwrapped.named_parameters()}
-    assert engine.train_step(0)["finite"]
+    assert math.isfinite(train_step(engine, 0)["loss"])
     moved = [n for n, p in engine.unwrapped.named_parameters() if not torch.equal(before[n], p)]
     assert moved == ["model.layers.0.mlp.down_proj.weight"]
 
 
 def test_rmu_bad_layer_and_patterns_are_one_line_errors(tmp_path, tok, records):
+    from negpref.unlearn.trainer import check_model_settings
+
     from negpref.errors import NegprefError
-    from negpref.unlearn.engine import check_model_settings
 
     model = tiny_llama(len(tok), seed=0)
 

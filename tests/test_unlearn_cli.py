@@ -57,15 +57,15 @@ def args(files, out, *extra):
         str(files["forget"]),
         "--out",
         str(out),
-        "--batch-size",
+        "--per-device-train-batch-size",
         "4",
-        "--grad-accum",
+        "--gradient-accumulation-steps",
         "1",
-        "--epochs",
+        "--num-train-epochs",
         "1",
-        "--lr",
+        "--learning-rate",
         "1e-3",
-        "--warmup",
+        "--warmup-epochs",
         "0",
         *extra,
     ]
@@ -180,7 +180,7 @@ def test_bad_model_and_options(files, tmp_path, capsys):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     fails(args(files, out, "--model", str(pickled)), capsys, "pickle", "--allow-pickle")
     fails(args(files, out, "--method", "XYZ"), capsys, "unknown preset 'XYZ'", "NPO+RT")
-    fails(args(files, out, "--lr", "-1"), capsys, "--lr")
+    fails(args(files, out, "--learning-rate", "-1"), capsys, "--learning-rate")
     with pytest.raises(SystemExit) as exit_info:
         main(args(files, out, "--no-such-option", "1"))
     assert exit_info.value.code == 2
@@ -252,13 +252,14 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(files, tmp_path, records, mo
     out = tmp_path / "nan_run"
     cfg = UnlearnConfig(
         method="breaks",
-        out=str(out),
-        batch_size=2,
-        grad_accum=1,
-        epochs=1,
-        warmup=0,
-        lr=1e-3,
-        save_every=10,
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        warmup_epochs=0,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=10,
     )
     model = AutoModelForCausalLM.from_pretrained(files["model"])
     tok = AutoTokenizer.from_pretrained(files["model"])
@@ -276,7 +277,7 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(files, tmp_path, records, mo
 def test_resume_refuses_other_settings(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(files, out)) == 0
-    fails(args(files, out, "--resume", "--lr", "1e-4"), capsys, "other settings", "lr")
+    fails(args(files, out, "--resume", "--learning-rate", "1e-4"), capsys, "other settings", "lr")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

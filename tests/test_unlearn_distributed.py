@@ -34,7 +34,9 @@ def test_two_processes_match_one(tmp_path):
         save_every=-1,
     )
     # Effective batch 4 either way: 1 process x 2 micro-batches, or 2 processes x 1.
-    single = run(UnlearnConfig(**common, grad_accum=2, out=str(tmp_path / "one")))
+    single = run(
+        UnlearnConfig(**common, gradient_accumulation_steps=2, output_dir=str(tmp_path / "one"))
+    )
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -48,7 +50,7 @@ def test_two_processes_match_one(tmp_path):
             "-m",
             "negpref.cli",
             "unlearn",
-            "--cpu",
+            "--use-cpu",
             *flags,
             "--grad-accum=1",
             f"--out={tmp_path / 'two'}",

@@ -81,7 +81,7 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path, variant):
     if variant == "lora":
         config.update(lora=True, lora_r=4, ref_mode="live", merge=True)
     # 8 items x 5 epochs / effective batch 4 = 10 steps.
-    run(UnlearnConfig(**config, out=str(tmp_path / "straight")))
+    run(UnlearnConfig(**config, output_dir=str(tmp_path / "straight")))
 
     killed = {**config, "out": str(tmp_path / "killed")}
     proc = launch(root, killed, 0.4)

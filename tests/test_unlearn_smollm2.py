@@ -47,16 +47,16 @@ def test_npo_unlearns_tofu_questions_from_smollm2(tmp_path):
         limit=8,
         lora=True,
         lora_r=8,
-        lr=1e-3,
-        epochs=1,
-        batch_size=2,
-        grad_accum=1,
-        warmup=0,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        warmup_epochs=0,
         max_length=128,
-        out=str(tmp_path / "run"),
-        save_every=-1,
+        output_dir=str(tmp_path / "run"),
+        save_strategy="no",
         save_model=False,
-        eval_every=100,
+        eval_every="100",
     )
     result = run(cfg, callbacks=[Probe(forget, retain)])
     steps = result.metrics
@@ -89,14 +89,14 @@ def test_lora_adapter_from_a_gguf_base_loads_with_peft(tmp_path):
         limit=2,
         lora=True,
         lora_r=4,
-        lr=1e-2,  # large enough that the adapter changes the outputs visibly
-        epochs=1,
-        batch_size=2,
-        grad_accum=1,
-        warmup=0,
+        learning_rate=1e-2,  # large enough that the adapter changes the outputs visibly
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        warmup_epochs=0,
         max_length=64,
-        out=str(tmp_path / "run"),
-        save_every=-1,
+        output_dir=str(tmp_path / "run"),
+        save_strategy="no",
     )
     result = run(cfg)
     adapter = tmp_path / "run" / "adapter"

@@ -376,16 +376,16 @@ def train_model(records: list[dict], tokenizer, p: Profile, seed: int, work_dir:
     model = tiny_llama(len(tokenizer), seed, **_model_overrides(p))
     config = unlearn.UnlearnConfig(
         method="SFT",
-        lr=p.train_lr,
-        epochs=p.train_epochs,
-        batch_size=p.train_batch,
-        grad_accum=1,
-        warmup=1.0,
+        learning_rate=p.train_lr,
+        num_train_epochs=p.train_epochs,
+        per_device_train_batch_size=p.train_batch,
+        gradient_accumulation_steps=1,
+        warmup_epochs=1.0,
         max_length=MAX_LENGTH,
         seed=seed,
-        cpu=True,
-        out=str(work_dir),
-        save_every=-1,
+        use_cpu=True,
+        output_dir=str(work_dir),
+        save_strategy="no",
         save_model=False,
     )
     result = unlearn.run(config, model=model, tokenizer=tokenizer, forget_records=records)
@@ -615,15 +615,15 @@ def unlearn_method(
     unlearn_config = unlearn.UnlearnConfig(
         method=method,
         beta=p.beta,
-        lr=p.unlearn_lr,
-        epochs=p.unlearn_epochs,
-        batch_size=p.unlearn_batch,
-        grad_accum=1,
+        learning_rate=p.unlearn_lr,
+        num_train_epochs=p.unlearn_epochs,
+        per_device_train_batch_size=p.unlearn_batch,
+        gradient_accumulation_steps=1,
         max_length=MAX_LENGTH,
         seed=seed,
-        cpu=True,
-        out=str(method_dir),
-        save_every=-1,
+        use_cpu=True,
+        output_dir=str(method_dir),
+        save_strategy="no",
         save_model=False,
     )
     groups = unlearn_config.objective().groups

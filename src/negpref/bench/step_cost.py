@@ -99,8 +99,8 @@ def _trainer(args, mode: str) -> UnlearnTrainer:
     return trainer
 
 
-def train_step(trainer: UnlearnTrainer, step: int) -> None:
-    """One optimizer step the way the Trainer's loop takes it (one micro-batch)."""
+def train_step(trainer: UnlearnTrainer, step: int) -> dict[str, float]:
+    """One optimizer step the way the Trainer's loop takes it (one micro-batch); its figures."""
     pairs = trainer.data.stream(step * trainer.effective_batch, trainer.effective_batch)
     inputs = trainer.collate(pairs)
     trainer.training_step(trainer.model, inputs)
@@ -108,7 +108,7 @@ def train_step(trainer: UnlearnTrainer, step: int) -> None:
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._step_metrics.clear()
+    return trainer._reduced_step_metrics()
 
 
 def _tensor_bytes(tensors) -> int:

@@ -271,9 +271,10 @@ def _unlearn_config(config: TofuStudyConfig, **fields):
     from negpref.unlearn import UnlearnConfig
 
     common = dict(
-        batch_size=config.batch_size, grad_accum=config.grad_accum, max_length=config.max_length,
-        seed=config.seed, mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-        save_every=-1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, max_length=config.max_length,
+        seed=config.seed, mixed_precision=config.mixed_precision,
+        use_cpu=not torch.cuda.is_available(), save_strategy="no",
     )  # fmt: skip
     return UnlearnConfig(**{**common, **fields})
 
@@ -291,8 +292,9 @@ def finetuned(config, base: Path, base_identity: dict, records, name: str, cache
 
     def train(stage: Path) -> dict:
         run_config = _unlearn_config(
-            config, model=str(base), method="SFT", lr=config.finetune_lr,
-            epochs=config.finetune_epochs, warmup=1.0, out=str(stage / "run"),
+            config, model=str(base), method="SFT", learning_rate=config.finetune_lr,
+            num_train_epochs=config.finetune_epochs, warmup_epochs=1.0,
+            output_dir=str(stage / "run"),
         )  # fmt: skip
         result = unlearn.run(run_config, forget_records=records)
         losses = [m["loss"] for m in result.metrics]
@@ -383,10 +385,11 @@ def unlearn_method(config, method, target: Path, tokenizer, data: StudyData, cal
         return json.loads((out / "method.json").read_text(encoding="utf-8"))
     shutil.rmtree(out, ignore_errors=True)  # a method killed midway starts over
     run_config = _unlearn_config(
-        config, model=str(target), method=method, lr=config.lr, epochs=config.epochs,
+        config, model=str(target), method=method, learning_rate=config.lr,
+        num_train_epochs=config.epochs,
         # beta is the NPO/DPO/KTO temperature; other presets give it their own meaning
         beta=config.beta if PRESETS[method].forget_loss in ("npo", "dpo", "kto") else None,
-        lora=config.lora, eval_every=0, save_model=False, out=str(out),
+        lora=config.lora, eval_every="epoch", save_model=False, output_dir=str(out),
     )  # fmt: skip
     started = time.perf_counter()
     result = unlearn.run(

@@ -515,7 +515,10 @@ class _RunCallback(TrainerCallback):
                         if k not in ("step", "epoch") and isinstance(v, (int, float))
                     }
                     state.log_history.append({**scalars, "step": step})
+                    # trackers (TensorBoard: eval/...) see it; the step's own log stays due
+                    should_log = control.should_log
                     trainer.callback_handler.on_log(args, state, control, logs=scalars)
+                    control.should_log = should_log
         trainer.accelerator.wait_for_everyone()
 
     def on_train_begin(self, args, state, control, **kwargs):
