@@ -564,9 +564,8 @@ def test_trainable_params_restrict_what_moves(tmp_path, tok, records, memorized)
 
 
 def test_rmu_bad_layer_and_patterns_are_one_line_errors(tmp_path, tok, records):
-    from negpref.unlearn.trainer import check_model_settings
-
     from negpref.errors import NegprefError
+    from negpref.unlearn.trainer import check_model_settings
 
     model = tiny_llama(len(tok), seed=0)
 

@@ -62,19 +62,41 @@ class NonFiniteStep(NegprefError):
         super().__init__(what)
 
 
+def plan_steps(args, n_items: int) -> tuple[int, int]:
+    """``(effective batch, optimizer steps)`` of a run over ``n_items`` data items.
+
+    The effective batch is ``per_device_train_batch_size x gradient_accumulation_steps x
+    processes``; the steps are ``max_steps`` when set, else ``num_train_epochs`` passes over the
+    data rounded down (every step is a full batch of the seeded stream), at least 1.
+    """
+    effective = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    )
+    if args.max_steps > 0:
+        return effective, args.max_steps
+    return effective, max(1, int(args.num_train_epochs * n_items // effective))
+
+
 class NegprefTrainer(Trainer):
     """``Trainer`` with a fixed data order, per-step metrics, a finite guard and no pickles.
 
     Subclasses implement ``compute_loss(model, inputs, return_outputs, num_items_in_batch)``
     returning the micro-batch's *mean* loss (the Trainer divides by gradient accumulation) and
-    call ``store_metrics`` with its figures.
+    call ``store_metrics`` with its figures; they pass ``n_items`` (the data items one epoch
+    covers) and may extend ``checkpoint_state`` / ``load_checkpoint_state`` with what their
+    next step depends on beyond the Trainer's own state (JSON only).
     """
 
     #: words for the progress line, e.g. "unlearn NPO"
     run_name_for_progress = "train"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, n_items: int, **kwargs):
+        train_args = kwargs.pop("args")
+        self.n_items = n_items
+        self.effective_batch, self.total_steps = plan_steps(train_args, n_items)
+        # The Trainer sees one pass over a stream of exactly total_steps global batches.
+        train_args = train_args.replace(max_steps=self.total_steps)
+        super().__init__(*args, args=train_args, **kwargs)
         # Our losses are per-micro-batch means: let the Trainer scale them for accumulation.
         self.model_accepts_loss_kwargs = False
         self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -83,13 +105,22 @@ class NegprefTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.add_callback(ProgressLog(self))
         self.add_callback(_FiniteGuard(self))
+        self.add_callback(_MarkCheckpoint(self))
         from transformers.integrations import TensorBoardCallback
 
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(self.args.output_dir, TENSORBOARD_DIR)
 
-    # --- data order -------------------------------------------------------------------------
+    # --- data order and epochs -------------------------------------------------------------
+    def epoch_of(self, step: int) -> float:
+        """Passes over the data after optimizer step ``step``."""
+        return step * self.effective_batch / self.n_items
+
+    def epoch_boundary(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) finished a pass over the data."""
+        return math.floor(self.epoch_of(step)) > math.floor(self.epoch_of(step - 1))
+
     def _get_train_sampler(self, train_dataset=None):
         return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
@@ -114,11 +145,42 @@ class NegprefTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(self._reduced_step_metrics())
+        self.state.epoch = round(self.epoch_of(self.state.global_step), 6)
         super().log(logs, start_time)
 
     def floating_point_ops(self, inputs) -> int:
         ids = _first_input_ids(inputs)
         return 6 * ids.numel() * self.model.num_parameters() if ids is not None else 0
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """JSON state a resumed run needs beyond the Trainer's (in ``negpref_state.json``)."""
+        step = self.state.global_step
+        return {
+            "epoch": self.epoch_of(step),
+            "data_position": step * self.effective_batch,
+            "seed": self.args.seed,
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what ``checkpoint_state`` saved; called before the Trainer resumes."""
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if resume_from_checkpoint is not None:
+            self.load_checkpoint_state(ckpt.read_state(Path(resume_from_checkpoint)))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_checkpoint_now(self) -> Path:
+        """A complete checkpoint of the current step (outside the Trainer's schedule)."""
+        self._save_checkpoint(self.model_wrapped, trial=None)
+        return self._mark(self.state.global_step)
+
+    def _mark(self, step: int) -> Path:
+        checkpoint = Path(self.args.output_dir) / f"{ckpt.PREFIX}{step}"
+        if self.accelerator.is_main_process:
+            ckpt.mark_complete(checkpoint, self.checkpoint_state())
+        self.accelerator.wait_for_everyone()
+        return checkpoint
 
     # --- files ------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -149,6 +211,16 @@ def _first_input_ids(inputs):
             if found is not None:
                 return found
     return None
+
+
+class _MarkCheckpoint(TrainerCallback):
+    """The marker that makes a checkpoint resumable, written after the Trainer's files."""
+
+    def __init__(self, trainer: NegprefTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._mark(state.global_step)
 
 
 class _FiniteGuard(TrainerCallback):

@@ -7,9 +7,11 @@
 import sys
 import types
 
+from negpref.training.run_log import TrainState
 from negpref.unlearn.config import UnlearnConfig
 from negpref.unlearn.objectives import FORGET_LOSSES, PRESETS, ForgetLoss, Objective, Preset
-from negpref.unlearn.runner import TrainState, UnlearnResult, run
+from negpref.unlearn.runner import UnlearnResult, run
+from negpref.unlearn.trainer import UnlearnTrainer
 
 __all__ = [
     "FORGET_LOSSES",
@@ -20,6 +22,7 @@ __all__ = [
     "TrainState",
     "UnlearnConfig",
     "UnlearnResult",
+    "UnlearnTrainer",
     "run",
 ]
 

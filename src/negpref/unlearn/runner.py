@@ -26,11 +26,9 @@ from transformers import TrainerCallback
 
 from negpref.errors import NegprefError
 from negpref.io import (
-    append_jsonl,
     atomic_write_json,
     atomic_write_text,
     check_out_dir,
-    read_jsonl_through,
     recover_replaced,
     replace_dir,
     run_dir_lock,
@@ -45,6 +43,7 @@ from negpref.models import (
     save_model,
 )
 from negpref.training import checkpoint as ckpt
+from negpref.training.run_log import RunCallback, RunLog
 from negpref.training.trainer import NonFiniteStep
 from negpref.unlearn.config import RESUMABLE_CHANGES, UnlearnConfig
 from negpref.unlearn.dataset import (
@@ -56,20 +55,10 @@ from negpref.unlearn.dataset import (
     record_fields,
 )
 from negpref.unlearn.objectives import Objective
-from negpref.unlearn.trainer import UnlearnTrainer, check_model_settings, eval_mode
+from negpref.unlearn.trainer import UnlearnTrainer, check_model_settings
 
 REF_CACHE = "reference_logps.safetensors"
 BASE_MODEL_DIR = "base_model"  # a GGUF base, saved for the LoRA adapter to point at
-
-
-@dataclass
-class TrainState:
-    """What callbacks see: the optimizer step done so far (0 = initial model)."""
-
-    step: int
-    epoch: float
-    total_steps: int
-    out_dir: Path
 
 
 @dataclass
@@ -345,7 +334,7 @@ def _evaluation_callbacks(config: UnlearnConfig, callbacks, tokenizer) -> list:
 def _train(config, objective, inputs, out, model, tokenizer, callbacks):
     """The run, in ``out`` (the run directory, or its stage when replacing an old run)."""
     from accelerate import PartialState
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     state = PartialState()
     is_main = state.is_main_process
@@ -392,7 +381,7 @@ def _train(config, objective, inputs, out, model, tokenizer, callbacks):
     if is_main and config.lora and config.gguf and config.save_model:
         _save_gguf_base(model, tokenizer, out)
     state.wait_for_everyone()
-    run_log = _RunLog(out, is_main, keep_through=ckpt.step_of(resume_from) if resume_from else -1)
+    run_log = RunLog(out, is_main, keep_through=ckpt.step_of(resume_from) if resume_from else -1)
     hf_callbacks = [c for c in callbacks if isinstance(c, TrainerCallback)]
     negpref_callbacks = [c for c in callbacks if not isinstance(c, TrainerCallback)]
     trainer = UnlearnTrainer(
@@ -404,14 +393,13 @@ def _train(config, objective, inputs, out, model, tokenizer, callbacks):
     )
     progress = config.verbosity != "quiet"
     precompute_s = _reference_cache(trainer, out, fingerprint, progress)
-    run_callback = _RunCallback(trainer, run_log, negpref_callbacks, fingerprint, out)
-    trainer.add_callback(run_callback)
+    trainer.add_callback(RunCallback(trainer, run_log, negpref_callbacks, out))
 
     train_start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except NonFiniteStep as e:
-        raise _non_finite_error(trainer, run_callback, e, out, config) from None
+        raise _non_finite_error(trainer, e, out, config) from None
     train_s = time.perf_counter() - train_start
 
     model, written = _save_final(trainer, tokenizer, out, Path(config.output_dir), config)
@@ -465,7 +453,7 @@ def _peak_summary(peak: dict | None, out: Path) -> dict | None:
     }
 
 
-def _non_finite_error(trainer, run_callback, error: NonFiniteStep, out: Path, config):
+def _non_finite_error(trainer, error: NonFiniteStep, out: Path, config):
     """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
     good = ckpt.latest_checkpoint(out)
     step = error.step
@@ -475,125 +463,6 @@ def _non_finite_error(trainer, run_callback, error: NonFiniteStep, out: Path, co
         and step > 1
         and (good is None or ckpt.step_of(good) != step - 1)
     ):  # the bad step was not applied: the weights in memory are step - 1's
-        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-        run_callback.mark(trainer.state.global_step)
-        good = ckpt.latest_checkpoint(out)
+        good = trainer.save_checkpoint_now()
     where = f"last good checkpoint: {good}" if good is not None else "no checkpoint was written"
     return NegprefError(f"{error}, {where}; lower learning_rate or check the data and model")
-
-
-class _RunCallback(TrainerCallback):
-    """The run directory's logs, negpref-style callbacks, epoch checkpoints and markers."""
-
-    def __init__(self, trainer: UnlearnTrainer, run_log, callbacks, fingerprint: str, out: Path):
-        self.trainer, self.run_log, self.callbacks = trainer, run_log, callbacks
-        self.fingerprint, self.out = fingerprint, out
-        self.step_start = time.perf_counter()
-        self.step_s = float("nan")
-        self.saved_step = None
-        self.every = int(trainer.args.eval_every) if trainer.args.eval_every != "epoch" else 0
-
-    def _state(self, step: int) -> TrainState:
-        return TrainState(step, self.trainer.epoch_of(step), self.trainer.total_steps, self.out)
-
-    def _due(self, step: int, every: int) -> bool:
-        """Every ``every`` steps, or at each forget-set epoch end when ``every`` is 0."""
-        return step % every == 0 if every > 0 else self.trainer.epoch_boundary(step)
-
-    def evaluate(self, step: int, args, state, control) -> None:
-        trainer = self.trainer
-        if trainer.accelerator.is_main_process:
-            for cb in self.callbacks:
-                if hasattr(cb, "on_evaluate"):
-                    with eval_mode(trainer.unwrapped) as m:
-                        values = cb.on_evaluate(self._state(step), m, trainer.processing_class)
-                    record = {"step": step, "epoch": trainer.epoch_of(step), **(values or {})}
-                    self.run_log.evaluation(record)
-                    scalars = {
-                        f"eval_{k}": v
-                        for k, v in record.items()
-                        if k not in ("step", "epoch") and isinstance(v, (int, float))
-                    }
-                    state.log_history.append({**scalars, "step": step})
-                    # trackers (TensorBoard: eval/...) see it; the step's own log stays due
-                    should_log = control.should_log
-                    trainer.callback_handler.on_log(args, state, control, logs=scalars)
-                    control.should_log = should_log
-        trainer.accelerator.wait_for_everyone()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            self.evaluate(0, args, state, control)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_s = time.perf_counter() - self.step_start
-        step = state.global_step
-        last = step >= state.max_steps
-        if (args.save_strategy == "epoch" and (last or self.trainer.epoch_boundary(step))) or (
-            args.save_strategy == "steps" and last
-        ):
-            control.should_save = True
-        if last or self._due(step, self.every):
-            self.evaluate(step, args, state, control)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        seconds = self.step_s
-        tokens = logs.pop("tokens", 0.0) * args.gradient_accumulation_steps * args.world_size
-        metrics = {
-            "step": state.global_step,
-            **{k: v for k, v in logs.items() if k != "step"},
-            "step_s": seconds,
-            "tokens_per_s": tokens / seconds,
-        }
-        self.run_log.step(metrics)
-        for cb in self.callbacks:
-            if hasattr(cb, "on_step_end"):
-                cb.on_step_end(self._state(state.global_step), metrics)
-
-    def mark(self, step: int) -> None:
-        if self.trainer.accelerator.is_main_process:
-            checkpoint = self.out / f"{ckpt.PREFIX}{step}"
-            ckpt.mark_complete(
-                checkpoint,
-                {
-                    "epoch": self.trainer.epoch_of(step),
-                    "data_position": step * self.trainer.effective_batch,
-                    "seed": self.trainer.args.seed,
-                    "fingerprint": self.fingerprint,
-                },
-            )
-        self.saved_step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        self.mark(state.global_step)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.saved_step == state.global_step:  # the last step's checkpoint is written
-            control.should_save = False
-
-
-class _RunLog:
-    """``metrics.jsonl`` and ``evals.jsonl``; lines after a resume point dropped."""
-
-    def __init__(self, out: Path, is_main: bool, keep_through: int):
-        self.is_main = is_main
-        self.metrics_path, self.evals_path = out / "metrics.jsonl", out / "evals.jsonl"
-        self.metrics: list[dict] = []
-        self.evals: list[dict] = []
-        if is_main:
-            self.metrics = read_jsonl_through(self.metrics_path, keep_through)
-            self.evals = read_jsonl_through(self.evals_path, keep_through)
-
-    def step(self, metrics: dict) -> None:
-        self.metrics.append(metrics)
-        if self.is_main:
-            append_jsonl(self.metrics_path, metrics)
-
-    def evaluation(self, record: dict) -> None:
-        self.evals.append(record)
-        append_jsonl(self.evals_path, record)

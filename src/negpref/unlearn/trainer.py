@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import re
 
 import torch
@@ -26,7 +25,8 @@ import torch
 from negpref import losses
 from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
-from negpref.training.trainer import NegprefTrainer
+from negpref.training.run_log import eval_mode
+from negpref.training.trainer import NegprefTrainer, plan_steps
 from negpref.unlearn.config import UnlearnConfig
 from negpref.unlearn.dataset import (
     MicroBatch,
@@ -35,17 +35,6 @@ from negpref.unlearn.dataset import (
     load_qa,
 )
 from negpref.unlearn.objectives import GroupLogps, Objective, StepLogps
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off for reference and evaluation forwards; the previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def add_lora(model, config: UnlearnConfig):
@@ -200,26 +189,21 @@ class UnlearnTrainer(NegprefTrainer):
         self.frozen_ref = None
         if self.live_ref_groups and not args.lora:
             self.frozen_ref = copy.deepcopy(model).requires_grad_(False).eval()
-        self.effective_batch = (
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        )
-        self.total_steps = max(
-            1, int(args.num_train_epochs * data.n_forget // self.effective_batch)
-        )
-        warmup = args.warmup_steps or min(
-            self.total_steps, round(args.warmup_epochs * data.n_forget / self.effective_batch)
-        )
-        # The Trainer sees one pass over the stream of exactly total_steps global batches.
-        train_args = args.replace(max_steps=self.total_steps, warmup_steps=warmup)
         self.run_name_for_progress = f"unlearn {args.method}"
+        effective_batch, total_steps = plan_steps(args, data.n_forget)
+        warmup = args.warmup_steps or min(
+            total_steps, round(args.warmup_epochs * data.n_forget / effective_batch)
+        )
         super().__init__(
             model=model,
-            args=train_args,
-            train_dataset=ForgetStream(data, self.total_steps * self.effective_batch),
+            args=args.replace(warmup_steps=warmup),
+            n_items=data.n_forget,
+            train_dataset=ForgetStream(data, total_steps * effective_batch),
             data_collator=self.collate,
             processing_class=processing_class,
             callbacks=callbacks,
         )
+        self.fingerprint = data.fingerprint()
         if self.frozen_ref is not None:
             self.frozen_ref.to(self.args.device)
 
@@ -245,13 +229,8 @@ class UnlearnTrainer(NegprefTrainer):
             inputs["weights"] = micro.weights
         return inputs
 
-    def epoch_of(self, step: int) -> float:
-        """Passes over the forget set after optimizer step ``step``."""
-        return step * self.effective_batch / self.data.n_forget
-
-    def epoch_boundary(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (1-based) finished a pass over the forget set."""
-        return math.floor(self.epoch_of(step)) > math.floor(self.epoch_of(step - 1))
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "fingerprint": self.fingerprint}
 
     # --- reference --------------------------------------------------------------------------
     @property
@@ -363,7 +342,3 @@ class UnlearnTrainer(NegprefTrainer):
         if "retain" in step:
             stats["nll/retain"] = self.objective.retain_nll(step["retain"]).detach()
         return stats
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self.state.epoch = round(self.epoch_of(self.state.global_step), 6)
-        super().log(logs, start_time)
