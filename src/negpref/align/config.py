@@ -1,6 +1,7 @@
 """``AlignConfig``: every setting of ``negpref align``, one documented field each.
 
-Fields become flags (``--kernel-temperature``) and YAML keys (``kernel_temperature``). The
+Fields become flags (``--kernel-temperature``) and YAML keys (``kernel_temperature``); the
+training fields are ``transformers.TrainingArguments``' (``NegprefTrainingArguments``). The
 MC-PO fields marked "ours" are choices the MC-PO paper does not publish (only its abstract
 is public); each is a setting so that it can be changed, see docs/align.md.
 """
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from negpref.config import require
+from negpref.training.config import NegprefTrainingArguments
 
 METHODS = ("dpo", "mcpo", "onmcpo")
 LOSSES = ("sigmoid", "link", "nce")
@@ -22,30 +24,47 @@ def _f(help_text: str, **meta):
 
 
 @dataclass
-class AlignConfig:
-    # model and data
-    model: str = field(default="", metadata=_f("policy model: a local HF directory (or hub id)"))
-    gguf: str | None = field(default=None, metadata=_f("GGUF file to load the policy from"))
-    dtype: str = field(
-        default="auto", metadata=_f("weights dtype", choices=("auto", "float32", "bfloat16"))
+class AlignConfig(NegprefTrainingArguments):
+    """Settings of ``negpref align`` / ``AlignTrainer`` (``TrainingArguments`` + the method).
+
+    The optimisation fields are the Trainer's (``learning_rate``, ``num_train_epochs``,
+    ``max_steps``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
+    ``lr_scheduler_type``, ``warmup_steps``, ``gradient_checkpointing``, ...), as in TRL's
+    ``DPOConfig``.
+    """
+
+    # --- TrainingArguments, alignment defaults ---
+    learning_rate: float = field(default=1e-6, metadata=_f("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_f("AdamW weight decay"))
+    num_train_epochs: float = field(
+        default=1.0, metadata=_f("passes over the data (unless max_steps > 0)")
     )
-    data: str = field(default="", metadata=_f("preference records: JSON, JSONL, Parquet or dir"))
+    per_device_train_batch_size: int = field(
+        default=8, metadata=_f("prompts per micro-batch per process")
+    )
+    save_strategy: str = field(
+        default="epoch",
+        metadata=_f(
+            "checkpoint at each data epoch end ('epoch'), every save_steps steps ('steps') or "
+            "never ('no'); always at the last step unless 'no'",
+            choices=["epoch", "steps", "no"],
+        ),
+    )
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata=_f("optimizer; the fused AdamW kernel skips per-parameter temporaries"),
+    )
+    # --- data ---
+    data: str = field(
+        default="",
+        metadata=_f("preference records: JSON, JSONL, Parquet or dir", path=True, hub=True),
+    )
     prompt_field: str = field(default="prompt", metadata=_f("record field holding the prompt"))
     chosen_field: str = field(default="chosen", metadata=_f("record field of the chosen answer"))
     rejected_field: str = field(
         default="rejected", metadata=_f("record field of the rejected answer or candidate list")
     )
     max_length: int = field(default=512, metadata=_f("max tokens of prompt + completion"))
-    out: str = field(default="", metadata=_f("run directory (model, metrics.jsonl, report)"))
-    overwrite: bool = field(default=False, metadata=_f("replace an existing --out directory"))
-    resume: bool = field(
-        default=False, metadata=_f("continue a killed run of the same --out from its checkpoint")
-    )
-    save_every: int = field(
-        default=0,
-        metadata=_f("checkpoint every N optimizer steps (0: each epoch end, -1: never)"),
-    )
-    save_total_limit: int = field(default=2, metadata=_f("checkpoints kept (newest first)"))
     # method
     method: str = field(
         default="dpo",
@@ -115,28 +134,6 @@ class AlignConfig:
     gen_temperature: float = field(default=1.0, metadata=_f("onmcpo: sampling temperature"))
     gen_top_p: float = field(default=1.0, metadata=_f("onmcpo: nucleus sampling p"))
     gen_top_k: int = field(default=0, metadata=_f("onmcpo: top-k sampling (0: off)"))
-    # optimisation
-    learning_rate: float = field(default=1e-6, metadata=_f("AdamW learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_f("AdamW weight decay"))
-    lr_scheduler: str = field(
-        default="linear",
-        metadata=_f(
-            "learning-rate schedule (transformers.get_scheduler)",
-            choices=("linear", "cosine", "constant", "constant_with_warmup"),
-        ),
-    )
-    warmup_steps: int = field(default=0, metadata=_f("warmup steps"))
-    max_grad_norm: float = field(default=1.0, metadata=_f("gradient clipping (0: off)"))
-    batch_size: int = field(default=8, metadata=_f("prompts per micro-batch"))
-    grad_accum: int = field(default=1, metadata=_f("micro-batches per optimizer step"))
-    epochs: float = field(default=1.0, metadata=_f("passes over the data (if --max-steps 0)"))
-    max_steps: int = field(default=0, metadata=_f("optimizer steps (0: from --epochs)"))
-    seed: int = field(default=0, metadata=_f("fixes data order, negatives and sampling"))
-    mixed_precision: str = field(
-        default="auto",
-        metadata=_f("auto: bf16 on a GPU that has it", choices=("auto", "no", "bf16", "fp16")),
-    )
-    cpu: bool = field(default=False, metadata=_f("train on CPU even when a GPU is present"))
     share_prompt: bool = field(
         default=True,
         metadata=_f(
@@ -144,56 +141,44 @@ class AlignConfig:
             "(off: one concatenated forward per completion, TRL's way)"
         ),
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_f("recompute activations in backward (less memory, slower)")
-    )
-    lora_r: int = field(default=0, metadata=_f("LoRA rank (0: full fine-tuning)"))
-    lora_alpha: float = field(default=16.0, metadata=_f("LoRA alpha"))
-    lora_dropout: float = field(default=0.0, metadata=_f("LoRA dropout"))
     # logging and evaluation
-    log_every: int = field(default=1, metadata=_f("steps between metrics.jsonl lines"))
-    eval_every: int = field(
-        default=0, metadata=_f("steps between reward evaluations (0: start and end only)")
+    eval_every: str = field(
+        default="epoch",
+        metadata=_f(
+            "reward evaluation at step 0, every N optimizer steps or each data epoch end "
+            "('epoch'), and at the last step"
+        ),
     )
     eval_reward: str = field(
         default="", metadata=_f("reward function for evaluation, e.g. sentiment (empty: none)")
     )
     eval_data: str = field(
-        default="", metadata=_f("prompts to evaluate on (preference file; default: training)")
+        default="",
+        metadata=_f("prompts to evaluate on (preference file; default: training)", path=True),
     )
     eval_prompts: int = field(default=32, metadata=_f("evaluation prompts (first N)"))
     eval_samples: int = field(default=4, metadata=_f("sampled completions per eval prompt"))
     eval_max_new_tokens: int = field(default=64, metadata=_f("eval generation length"))
     eval_temperature: float = field(default=1.0, metadata=_f("eval sampling temperature"))
-    save_model: bool = field(default=True, metadata=_f("save the trained model to OUT/model"))
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
-        for name in ("beta", "kernel_temperature", "learning_rate", "epochs"):
+        for name in ("beta", "kernel_temperature", "num_train_epochs"):
             value = getattr(self, name)
             require(value > 0 and math.isfinite(value), name, value, "must be positive")
-        for name in ("batch_size", "grad_accum", "max_length", "log_every", "eval_samples"):
+        for name in ("max_length", "eval_samples"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        for name in (
-            "num_candidates",
-            "num_negatives",
-            "kernel_steps",
-            "max_steps",
-            "warmup_steps",
-            "eval_every",
-            "lora_r",
-            "gen_top_k",
-        ):
+        for name in ("num_candidates", "num_negatives", "kernel_steps", "gen_top_k"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        require(self.save_every >= -1, "save_every", self.save_every, "must be >= -1")
-        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, ">= 1")
         require(
-            not (self.resume and self.overwrite),
-            "resume",
-            self.resume,
-            "conflicts with --overwrite",
+            self.eval_every == "epoch" or (self.eval_every.isdigit() and int(self.eval_every) > 0),
+            "eval_every",
+            self.eval_every,
+            "must be 'epoch' or a number of steps >= 1",
         )
-        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
         require(0 < self.gen_top_p <= 1, "gen_top_p", self.gen_top_p, "must be in (0, 1]")
         require(self.gen_temperature >= 0, "gen_temperature", self.gen_temperature, "must be >= 0")
         if self.method in ("mcpo", "onmcpo"):
@@ -201,7 +186,7 @@ class AlignConfig:
                 self.num_negatives >= 1,
                 "num_negatives",
                 self.num_negatives,
-                f"--method {self.method} draws its negatives, so it must be >= 1",
+                f"method {self.method} draws its negatives, so it must be >= 1",
             )
         if self.method == "onmcpo":
             require(self.generate_every >= 1, "generate_every", self.generate_every, ">= 1")

@@ -1,6 +1,7 @@
-"""The ``negpref align`` loop: DPO, generalized-link DPO, ranking NCE; MC-PO and OnMC-PO negatives.
+"""``AlignTrainer``: DPO, generalized-link DPO, ranking NCE; MC-PO and OnMC-PO negatives.
 
-One step, top to bottom (``AlignTrainer.micro_step``):
+A ``transformers.Trainer`` (``negpref.training.trainer.NegprefTrainer``) whose data are item
+indices in a seeded order; one micro-batch, top to bottom (``AlignTrainer.compute_loss``):
 
 1. pick negatives per prompt: uniformly (``dpo``) or with the Monte-Carlo kernel (``mcpo``,
    ``onmcpo``) on scores from a no-grad batched forward over the candidates;
@@ -12,7 +13,9 @@ One step, top to bottom (``AlignTrainer.micro_step``):
 
 OnMC-PO starts a *round* every ``generate_every`` steps: the prompts of the round's batches get
 ``num_generations`` completions sampled from the current policy, which become (or join) their
-candidates; generations and their reference log-probs are cached in ``OUT/generations``.
+candidates; generations and their reference log-probs are cached in ``OUT/generations``. The
+negative sampler's generator and the online candidates go into each checkpoint's
+``negpref_state.json``, so a resumed run continues bitwise.
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ import copy
 import dataclasses
 import json
 import logging
-import math
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from negpref import losses
 from negpref.align.batches import (
@@ -47,20 +49,11 @@ from negpref.align.links import link_dpo
 from negpref.align.mcpo import KernelDraw, draw, ranking_nce
 from negpref.data import Encoded, collate, encode_qa
 from negpref.data.preference import FieldNames, load_preferences
-from negpref.io import append_jsonl, atomic_write_text, read_jsonl_through
-from negpref.training import checkpoint as ckpt
-from negpref.training.devices import new_accelerator
+from negpref.errors import NegprefError
+from negpref.io import atomic_write_text
+from negpref.training.trainer import NegprefTrainer, plan_steps
 
 log = logging.getLogger(__name__)
-
-EvalFn = Callable[["AlignTrainer"], dict]
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    metrics: dict[str, float]
-    tokens: int
 
 
 @dataclass
@@ -71,165 +64,144 @@ class Candidates:
     ref_logps: torch.Tensor
 
 
-@dataclass
-class History:
-    steps: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-
-
-def total_steps(config: AlignConfig, n_items: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    per_step = config.batch_size * config.grad_accum
-    return max(1, math.ceil(config.epochs * n_items / per_step))
-
-
-def _mixed_precision(config: AlignConfig) -> str:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    cuda = torch.cuda.is_available() and not config.cpu
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-
-
 def apply_lora(model, config: AlignConfig):
     from peft import LoraConfig, get_peft_model
 
+    targets = config.lora_target_modules
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules="all-linear",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
-class AlignTrainer:
+class PromptStream(torch.utils.data.Dataset):
+    """Item ``i`` is the prompt index at stream position ``i``: reshuffled passes (seeded)."""
+
+    def __init__(self, n_items: int, length: int, seed: int):
+        order_gen = torch.Generator().manual_seed(seed)
+        stream: list[int] = []
+        while len(stream) < length:
+            stream += torch.randperm(n_items, generator=order_gen).tolist()
+        self.stream = stream[:length]
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, position: int) -> int:
+        return self.stream[position]
+
+
+class AlignTrainer(NegprefTrainer):
+    """Preference optimization with (Monte-Carlo) negatives: a ``transformers.Trainer``.
+
+    ``AlignTrainer(model, args, train_dataset=..., processing_class=tokenizer)`` then
+    ``train()``, like TRL's ``DPOTrainer``: ``train_dataset`` is anything
+    ``load_preferences`` reads (a path, a ``datasets.Dataset``/``DatasetDict``, a list of
+    ``prompt``/``chosen``/``rejected`` records, ``PreferenceData``); ``rejected`` may be a list
+    of candidates. Metrics carry TRL's names (``rewards/chosen``, ``rewards/margins``, ...).
+    """
+
     def __init__(
         self,
-        config: AlignConfig,
         model,
-        tokenizer,
-        data,
+        args: AlignConfig,
+        train_dataset=None,
+        processing_class=None,
+        callbacks=None,
         run_dir: str | Path | None = None,
-        eval_fn: EvalFn | None = None,
     ):
-        """``data``: ``PreferenceData``, or any source ``load_preferences`` reads (a path, a
-        ``datasets.Dataset``/``DatasetDict``, a list of dict records)."""
-        from accelerate.utils import set_seed
-        from transformers import get_scheduler
-
+        if processing_class is None:
+            raise NegprefError("AlignTrainer: pass the tokenizer as processing_class")
         data = load_preferences(
-            data,
-            FieldNames(config.prompt_field, config.chosen_field, config.rejected_field),
-            config.num_candidates,
-            config.max_length,
+            train_dataset,
+            FieldNames(args.prompt_field, args.chosen_field, args.rejected_field),
+            args.num_candidates,
+            args.max_length,
         )
-        self.config = config
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id
+        self.config, self.tokenizer = args, processing_class
+        self.pad_id = processing_class.pad_token_id
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.eval_fn = eval_fn
-        self.accelerator = new_accelerator(
-            mixed_precision=_mixed_precision(config),
-            cpu=config.cpu,
-            gradient_accumulation_steps=config.grad_accum,
-        )
-        set_seed(config.seed)
         self.items: list[EncodedItem] = encode_items(
-            tokenizer, data.records, config.max_length, data.source
+            processing_class, data.records, args.max_length, data.source
         )
-        if config.gradient_checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        if config.lora_r:
-            model = apply_lora(model, config)
+        if args.lora and not hasattr(model, "peft_config"):
+            model = apply_lora(model, args)
         # OnMC-PO needs reference log-probs of new completions during training: LoRA gets them
         # with the adapters disabled, full fine-tuning from a frozen copy of the start model.
         self.ref_model = None
-        if config.method == "onmcpo" and not config.lora_r:
+        if args.method == "onmcpo" and not args.lora:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        # the fused kernel (CPU and CUDA) skips the per-parameter temporaries of the loop one
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
-        )
-        self.total_steps = total_steps(config, len(self.items))
-        scheduler = get_scheduler(
-            config.lr_scheduler, optimizer, config.warmup_steps, self.total_steps
-        )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            model, optimizer, scheduler
+        effective_batch, total_steps = plan_steps(args, len(self.items))
+        self.run_name_for_progress = f"align {args.method}"
+        super().__init__(
+            model=model,
+            args=args,
+            n_items=len(self.items),
+            train_dataset=PromptStream(len(self.items), total_steps * effective_batch, args.seed),
+            data_collator=self.collate,
+            processing_class=processing_class,
+            callbacks=callbacks,
         )
         if self.ref_model is not None:
-            self.ref_model.to(self.accelerator.device)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self.trim = forward_accepts(unwrapped, "logits_to_keep")
+            self.ref_model.to(self.args.device)
+        self.trim = forward_accepts(self.model, "logits_to_keep")
         # the shared-prompt forward needs the cache, which checkpointing turns off in training
         self.share_prompt = (
-            config.share_prompt
-            and not config.gradient_checkpointing
-            and forward_accepts(unwrapped, "logits_to_keep", "past_key_values", "position_ids")
+            args.share_prompt
+            and not args.gradient_checkpointing
+            and forward_accepts(self.model, "logits_to_keep", "past_key_values", "position_ids")
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.schedule = self._schedule()
+        self.generator = torch.Generator().manual_seed(args.seed)
         self.online: dict[int, Candidates] = {}
-        self.step = 0
         self.tokens = 0
-        self.train_seconds = 0.0
-        self.history = History()
-        if config.lora_r:  # the frozen base reloads from the model; checkpoints hold adapters
-            self.accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only)
-        self._precompute_reference()
+        self._reference_ready = False
+        self.precompute_reference()
+        if args.method == "onmcpo":
+            self.add_callback(_OnlineRounds(self))
 
-    # -- data order and reference -------------------------------------------------------------
+    @staticmethod
+    def collate(indices: list[int]) -> dict:
+        return {"indices": torch.tensor(indices, dtype=torch.long)}
 
-    def _schedule(self) -> list[list[list[int]]]:
-        """This process's item indices per micro-batch, per optimizer step.
-
-        Reshuffled passes over the data; with several processes each global micro-batch of
-        ``batch_size * num_processes`` prompts is split between them (data parallel).
-        """
-        order_gen = torch.Generator().manual_seed(self.config.seed)
-        b, g = self.config.batch_size, self.config.grad_accum
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        needed = self.total_steps * g * b * world
-        stream: list[int] = []
-        while len(stream) < needed:
-            stream += torch.randperm(len(self.items), generator=order_gen).tolist()
-        micro = [stream[i + rank * b : i + (rank + 1) * b] for i in range(0, needed, b * world)]
-        return [micro[i : i + g] for i in range(0, len(micro), g)]
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
 
     @contextmanager
     def reference(self):
         """The reference policy: a frozen copy, the model with adapters off, or the start model."""
         if self.ref_model is not None:
             yield self.ref_model
-        elif self.config.lora_r:
-            model = self.accelerator.unwrap_model(self.model)
+        elif self.config.lora:
+            model = self.unwrapped_model()
             with model.disable_adapter():
                 yield model
         else:  # before the first step the policy is the reference
-            if self.step:
+            if self._reference_ready:
                 raise RuntimeError("no reference model kept for full fine-tuning after step 0")
             yield self.model
 
     def _logps(self, model, encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.config.batch_size * max(2, self.config.num_negatives + 1)
+        size = self.config.per_device_train_batch_size * max(2, self.config.num_negatives + 1)
         return logps_of(
             model,
             encoded,
             self.pad_id,
             size,
-            self.accelerator.device,
+            self.args.device,
             self.accelerator.autocast,
             self.trim,
         )
 
-    def _precompute_reference(self) -> None:
+    def precompute_reference(self) -> None:
+        """Reference log-probs of every chosen answer and candidate, once, before training."""
         encoded = [e for it in self.items for e in (it.chosen, *it.candidates)]
-        with self.reference() as ref:
+        with self.reference() as ref, torch.no_grad():
             ref_logps, _ = self._logps(ref, encoded)
+        self._reference_ready = True
         pos = 0
         for it in self.items:
             it.ref_chosen = ref_logps[pos].item()
@@ -254,7 +226,7 @@ class AlignTrainer:
         self, indices: list[int], encoded: list[Encoded], owner: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy log-probs and lengths of ``encoded``; ``encoded[j]`` answers ``indices[owner[j]]``."""
-        device = self.accelerator.device
+        device = self.args.device
         with self.accelerator.autocast():
             if self.share_prompt:
                 prompts = [split_answer(self.items[i].chosen)[0] for i in indices]
@@ -313,9 +285,11 @@ class AlignTrainer:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def compute_loss(self, indices: list[int], negatives: list[list[int]]) -> StepOutput:
-        """Loss and TRL-named metrics of prompts ``indices`` against their ``negatives``."""
-        cfg, device = self.config, self.accelerator.device
+    def pair_loss(
+        self, indices: list[int], negatives: list[list[int]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Loss, TRL-named metrics and tokens of prompts ``indices`` against ``negatives``."""
+        cfg, device = self.config, self.args.device
         pools = [self.candidates(i) for i in indices]
         chosen = [self.items[i].chosen for i in indices]
         negs = [pool.encoded[j] for pool, js in zip(pools, negatives, strict=True) for j in js]
@@ -352,66 +326,47 @@ class AlignTrainer:
         neg_rewards = cfg.beta * (neg_logps - ref_neg).detach()
 
         # metrics: mean over each prompt's negatives, then over prompts
-        def per_prompt(values: torch.Tensor) -> float:
-            return (values * pair_weights).sum().item() / b
+        def per_prompt(values: torch.Tensor) -> torch.Tensor:
+            return (values * pair_weights).sum() / b
 
         metrics = {
-            "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": per_prompt(neg_rewards),
             "rewards/margins": per_prompt(chosen_rewards[owner] - neg_rewards),
             "rewards/accuracies": per_prompt((chosen_rewards[owner] > neg_rewards).float()),
-            "logps/chosen": chosen_logps.detach().mean().item(),
+            "logps/chosen": chosen_logps.detach().mean(),
             "logps/rejected": per_prompt(neg_logps.detach()),
         }
         # tokens of the prompt+completion sequences, as TRL counts them, shared prompt or not
-        return StepOutput(loss, metrics, sum(len(e.input_ids) for e in chosen + negs))
+        return loss, metrics, sum(len(e.input_ids) for e in chosen + negs)
 
-    def micro_step(self, indices: list[int]) -> dict[str, float]:
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One micro-batch: pick negatives, one batched forward, the preference loss."""
+        indices = inputs["indices"].tolist()
         negatives, kernel = self.pick_negatives(indices)
-        with self.accelerator.accumulate(self.model):
-            out = self.compute_loss(indices, negatives)
-            self.accelerator.backward(out.loss)
-            if self.accelerator.sync_gradients and self.config.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
-        self.tokens += out.tokens
-        metrics = dict(out.metrics)
+        loss, metrics, tokens = self.pair_loss(indices, negatives)
+        self.tokens += tokens
         if kernel is not None:
-            metrics["mcpo/kernel_entropy"] = kernel.entropy.mean().item()
-            metrics["mcpo/hardest_hit_rate"] = kernel.hardest_hit_rate
-            metrics["mcpo/accept_rate"] = kernel.accept_rate
-            metrics["mcpo/drawn_index"] = kernel.indices.tolist()
-        return metrics
+            metrics["mcpo/kernel_entropy"] = kernel.entropy.mean()
+            metrics["mcpo/hardest_hit_rate"] = torch.tensor(kernel.hardest_hit_rate)
+            metrics["mcpo/accept_rate"] = torch.tensor(kernel.accept_rate)
+        metrics["tokens"] = torch.tensor(float(tokens))
+        self.store_metrics(metrics)
+        return (loss, metrics) if return_outputs else loss
 
-    def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its logged record."""
-        start = time.perf_counter()
-        micro = [self.micro_step(indices) for indices in self.schedule[self.step]]
-        self.train_seconds += time.perf_counter() - start
-        self.step += 1
-        record: dict = {"step": self.step}
-        for key in micro[0]:
-            values = [m[key] for m in micro]
-            record[key] = (
-                sum(values) / len(values)
-                if isinstance(values[0], float)
-                else [x for v in values for x in v]
-            )
-        record["learning_rate"] = self.scheduler.get_last_lr()[0]
-        record["num_tokens"] = self.tokens
-        return record
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["num_tokens"] = self.tokens * self.accelerator.num_processes
+        super().log(logs, start_time)
 
     # -- OnMC-PO rounds -------------------------------------------------------------------------
 
     def start_round(self) -> None:
         """Sample candidates from the current policy for the prompts of the next round."""
-        cfg = self.config
-        round_index = self.step // cfg.generate_every
-        upcoming = self.schedule[self.step : self.step + cfg.generate_every]
-        indices = sorted({i for step in upcoming for micro in step for i in micro})
+        cfg, step = self.config, self.state.global_step
+        round_index = step // cfg.generate_every
+        indices = self._upcoming_items(step, min(step + cfg.generate_every, self.total_steps))
         prompts = [self.items[i].record.prompt for i in indices]
         sampling = Sampling(
             cfg.gen_max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.gen_top_k,
@@ -419,7 +374,7 @@ class AlignTrainer:
         )  # fmt: skip
         texts = generate(
             self.unwrapped_model(), self.tokenizer, prompts, sampling, cfg.max_length,
-            batch_size=cfg.batch_size * 2, seed=cfg.seed * 100_003 + round_index,
+            batch_size=cfg.per_device_train_batch_size * 2, seed=cfg.seed * 100_003 + round_index,
         )  # fmt: skip
         kept = {}
         for i, completions in zip(indices, texts, strict=True):
@@ -445,7 +400,7 @@ class AlignTrainer:
         for i, es in encoded.items():
             self.online[i] = Candidates(es, ref_logps[pos : pos + len(es)])
             pos += len(es)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.accelerator.is_main_process:
             rows = [
                 {"item": i, "completions": cs, "ref_logps": self.online[i].ref_logps.tolist()}
                 for i, cs in kept.items()
@@ -455,67 +410,28 @@ class AlignTrainer:
             text = "".join(json.dumps(r) + "\n" for r in rows)
             atomic_write_text(gen_dir / f"round_{round_index:04d}.jsonl", text)
 
-    # -- the loop -------------------------------------------------------------------------------
+    def _upcoming_items(self, start: int, end: int) -> list[int]:
+        """This process's prompt indices in optimizer steps ``start .. end - 1``.
 
-    def evaluate(self) -> dict:
-        if self.eval_fn is None:
-            return {}
-        record = {"step": self.step, **self.eval_fn(self)}
-        self.history.evals.append(record)
-        self._log(record)
-        return record
-
-    def _log(self, record: dict) -> None:
-        if self.run_dir is not None and self.accelerator.is_main_process:
-            append_jsonl(self.run_dir / "metrics.jsonl", record)
-
-    def train(self, steps: int | None = None) -> History:
-        """Run ``steps`` optimizer steps (default: to the end), evaluating as configured."""
-        cfg = self.config
-        end = self.total_steps if steps is None else min(self.total_steps, self.step + steps)
-        from tqdm.auto import tqdm
-
-        if self.step == 0:
-            self.evaluate()
-        progress = tqdm(
-            total=end - self.step, desc=f"align {cfg.method}", disable=None, leave=False
-        )
-        while self.step < end:
-            if cfg.method == "onmcpo" and self.step % cfg.generate_every == 0:
-                self.start_round()
-            record = self.train_step()
-            progress.update()
-            self.history.steps.append(record)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log(record)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.total_steps:
-                self.evaluate()
-            if self.step == self.total_steps:
-                self.evaluate()
-            if self.run_dir is not None and self._checkpoint_due():
-                self.save_checkpoint()
-        progress.close()
-        return self.history
+        accelerate deals the stream's micro-batches round-robin over processes.
+        """
+        b, g = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        stream = self.train_dataset.stream
+        found = set()
+        for step in range(start, end):
+            for a in range(g):
+                batch = (step * g + a) * world + rank
+                found.update(stream[batch * b : (batch + 1) * b])
+        return sorted(found)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _checkpoint_due(self) -> bool:
-        every = self.config.save_every
-        if every < 0:
-            return False
-        if self.step == self.total_steps:
-            return True
-        if every > 0:
-            return self.step % every == 0
-        per_epoch = math.ceil(len(self.items) / (self.config.batch_size * self.config.grad_accum))
-        return self.step % per_epoch == 0
-
-    def trainer_state(self) -> dict:
-        """Everything besides accelerate's tensors that the next step depends on, as JSON."""
+    def checkpoint_state(self) -> dict:
+        """The sampler's generator, the token count and the online candidates, as JSON."""
         return {
-            "step": self.step,
+            **super().checkpoint_state(),
             "tokens": self.tokens,
-            "train_seconds": self.train_seconds,
             "generator": self.generator.get_state().tolist(),
             "online": [
                 {
@@ -527,17 +443,8 @@ class AlignTrainer:
             ],
         }
 
-    def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.accelerator, self.unwrapped_model(), self.run_dir, self.step,
-            self.trainer_state(), self.config.save_total_limit,
-        )  # fmt: skip
-
-    def load_checkpoint(self, checkpoint: Path) -> None:
-        """Continue from ``checkpoint`` (verified): weights, optimizer, schedule, RNG, history."""
-        state = ckpt.load_checkpoint(self.accelerator, checkpoint, bool(self.config.lora_r))
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.train_seconds = state["train_seconds"]
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.tokens = state["tokens"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.online = {
             row["item"]: Candidates(
@@ -545,36 +452,41 @@ class AlignTrainer:
             )
             for row in state["online"]
         }
-        if self.run_dir is not None:
-            records = read_jsonl_through(self.run_dir / "metrics.jsonl", self.step)
-            self.history.steps = [r for r in records if "loss" in r]
-            self.history.evals = [r for r in records if "loss" not in r]
-
-    def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
 
 
-def reward_eval(
-    reward: Callable[[object, str], float], prompts: list, config: AlignConfig
-) -> EvalFn:
-    """Mean reward of ``eval_samples`` sampled completions per prompt (same seed every time)."""
-    sampling = Sampling(
-        config.eval_max_new_tokens, config.eval_temperature, num_samples=config.eval_samples
-    )
+class _OnlineRounds(TrainerCallback):
+    """OnMC-PO: a new round of sampled candidates every ``generate_every`` steps."""
 
-    def evaluate(trainer: AlignTrainer) -> dict:
+    def __init__(self, trainer: AlignTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.trainer.config.generate_every == 0:
+            self.trainer.start_round()
+
+
+class RewardEvaluation:
+    """Mean reward of ``eval_samples`` sampled completions per prompt (same seed every time);
+    an evaluation callback (``on_evaluate(state, model, tokenizer)``)."""
+
+    def __init__(self, reward: Callable[[object, str], float], prompts: list, config: AlignConfig):
+        self.reward, self.prompts, self.config = reward, prompts, config
+        self.sampling = Sampling(
+            config.eval_max_new_tokens, config.eval_temperature, num_samples=config.eval_samples
+        )
+
+    def on_evaluate(self, state, model, tokenizer) -> dict:
+        cfg = self.config
         texts = generate(
-            trainer.unwrapped_model(),
-            trainer.tokenizer,
-            prompts,
-            sampling,
-            config.max_length,
-            batch_size=config.batch_size * 2,
-            seed=config.seed + 1,
+            model,
+            tokenizer,
+            self.prompts,
+            self.sampling,
+            cfg.max_length,
+            batch_size=cfg.per_device_train_batch_size * 2,
+            seed=cfg.seed + 1,
         )
         values = torch.tensor(
-            [reward(p, t) for p, ts in zip(prompts, texts, strict=True) for t in ts]
+            [self.reward(p, t) for p, ts in zip(self.prompts, texts, strict=True) for t in ts]
         )
-        return {"eval/reward": values.mean().item(), "eval/reward_std": values.std().item()}
-
-    return evaluate
+        return {"reward": values.mean().item(), "reward_std": values.std().item()}

@@ -128,6 +128,8 @@ class NegprefTrainingArguments(TrainingArguments):
             and torch.cuda.is_bf16_supported()
         )
         self.bf16 = self.bf16 or bf16
+        if not torch.cuda.is_available():  # pinned memory only speeds copies to a GPU
+            self.dataloader_pin_memory = False
         if self.output_dir is None:
             self.output_dir = "trainer_output"  # TrainingArguments' own default, never used
         super().__post_init__()
