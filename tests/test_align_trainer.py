@@ -218,7 +218,7 @@ def test_gradient_accumulation_matches_one_large_batch(tokenizer, task_data):
             tokenizer,
         )
         trainer.train_dataset.stream = [0, 1, 2, 3]
-        params = dict(trainer.unwrapped_model().named_parameters())
+        params = dict(trainer.unwrapped.named_parameters())
 
         class Capture(TrainerCallback):
             # The gradient the optimizer is about to apply; compared instead of the weights
@@ -266,9 +266,9 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tokenizer, tas
     assert item.ref_chosen == pytest.approx(
         base, abs=_logp_atol(base)
     )  # measured 7.6e-6 (was 1e-4)
-    before = {k: v.clone() for k, v in trainer.unwrapped_model().state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
     trainer.train()
-    after = trainer.unwrapped_model().state_dict()
+    after = trainer.unwrapped.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lora_" in k for k in changed)
     with trainer.reference() as ref, torch.no_grad():  # adapters off = the base model still

@@ -16,19 +16,21 @@ from __future__ import annotations
 import copy
 import io
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from negpref.align.config import AlignConfig
-from negpref.align.trainer import AlignTrainer, reward_eval
+from negpref.align.trainer import AlignTrainer, RewardEvaluation
 from negpref.config import require
-from negpref.data import collate, encode_qa, pref_task
+from negpref.data import pref_task
 from negpref.data.preference import normalize_records
-from negpref.logprobs import sequence_logps
 from negpref.models import tiny_llama
 from negpref.report.style import curve_style
+from negpref.training.run_log import RunCallback, RunLog
 
 VARIANTS: dict[str, dict] = {
     "dpo": {"method": "dpo"},
@@ -92,36 +94,50 @@ class CompareSettings:
 
 
 def sft(model, tokenizer, examples: list[dict], steps: int, lr: float, seed: int, batch=32):
-    """Token-mean NLL on question/answer pairs: the reference policy of the comparison."""
-    encoded = [encode_qa(tokenizer, e["question"], e["answer"], 128) for e in examples]
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(encoded), (batch,), generator=gen).tolist()
-        out = sequence_logps(model, collate([encoded[i] for i in idx], tokenizer.pad_token_id))
-        loss = -(out.logps.sum() / out.n_tokens.sum())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model
+    """Token-mean NLL on question/answer pairs (the engine's SFT preset, ``steps`` steps of
+    ``batch`` examples): the reference policy of the comparison."""
+    from negpref.unlearn import UnlearnConfig, run
+
+    with tempfile.TemporaryDirectory(prefix="negpref-sft-") as tmp:
+        config = UnlearnConfig(
+            method="SFT",
+            learning_rate=lr,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=1,
+            warmup_epochs=0,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            max_length=128,
+            seed=seed,
+            use_cpu=True,
+            output_dir=f"{tmp}/sft",
+            save_strategy="no",
+            save_model=False,
+            report_to="none",
+            verbosity="quiet",
+        )
+        result = run(config, model=model, tokenizer=tokenizer, forget_records=examples)
+    return result.model.eval()
 
 
 def _config(settings: CompareSettings, variant: str, seed: int) -> AlignConfig:
     return AlignConfig(
         **{
             "beta": settings.beta,
-            "batch_size": settings.batch_size,
+            "per_device_train_batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "max_steps": settings.steps,
             "seed": seed,
             "kernel_temperature": settings.kernel_temperature,
-            "eval_every": settings.eval_every,
+            "eval_every": str(settings.eval_every),
             "eval_samples": settings.eval_samples,
             "eval_max_new_tokens": settings.max_new_tokens,
             "max_length": 128,
-            "cpu": True,
+            "use_cpu": True,
+            "save_strategy": "no",
+            "report_to": "none",
+            "verbosity": "quiet",
             **VARIANTS[variant],
         }
     )
@@ -133,9 +149,8 @@ def run_seed(settings: CompareSettings, seed: int) -> dict:
         pref_task.make_preferences(settings.records, settings.k, seed), f"task(seed={seed})"
     )
     start = time.perf_counter()
-    reference = tiny_llama(len(tokenizer), seed=seed)
-    sft(
-        reference,
+    reference = sft(
+        tiny_llama(len(tokenizer), seed=seed),
         tokenizer,
         pref_task.make_sft(4 * settings.records, seed + 1),
         settings.sft_steps,
@@ -145,15 +160,18 @@ def run_seed(settings: CompareSettings, seed: int) -> dict:
     out = {"sft_seconds": time.perf_counter() - start, "variants": {}}
     prompts = pref_task.prompts()
     for variant in settings.variants:
-        config = _config(settings, variant, seed)
-        evaluate = reward_eval(pref_task.sentiment_reward, prompts, config)
         start = time.perf_counter()
-        trainer = AlignTrainer(config, copy.deepcopy(reference), tokenizer, data, eval_fn=evaluate)
-        history = trainer.train()
+        with tempfile.TemporaryDirectory(prefix="negpref-compare-") as tmp:
+            config = _config(settings, variant, seed).replace(output_dir=tmp)
+            evaluate = RewardEvaluation(pref_task.sentiment_reward, prompts, config)
+            trainer = AlignTrainer(copy.deepcopy(reference), config, data, tokenizer)
+            log = RunLog(Path(tmp), is_main=True, keep_through=-1)
+            trainer.add_callback(RunCallback(trainer, log, [evaluate], Path(tmp)))
+            trainer.train()
         out["variants"][variant] = {
-            "steps": [e["step"] for e in history.evals],
-            "reward": [e["eval/reward"] for e in history.evals],
-            "hardest_hit_rate": _mean(h.get("mcpo/hardest_hit_rate") for h in history.steps),
+            "steps": [e["step"] for e in log.evals],
+            "reward": [e["reward"] for e in log.evals],
+            "hardest_hit_rate": _mean(h.get("mcpo/hardest_hit_rate") for h in log.metrics),
             "seconds": time.perf_counter() - start,
         }
     return out

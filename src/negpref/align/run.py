@@ -181,7 +181,7 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
                 f"{e}, {where}; lower learning_rate or check the data and model"
             ) from None
         if config.save_model:
-            save_model(trainer.unwrapped_model(), tokenizer, stage / "model")
+            save_model(trainer.unwrapped, tokenizer, stage / "model")
         summary = summarize(trainer, run_log, data)
         summary["resumed_from_step"] = _step(resume_from) if resume_from else None
         atomic_write_json(stage / "summary.json", summary)

@@ -167,16 +167,13 @@ class AlignTrainer(NegprefTrainer):
     def collate(indices: list[int]) -> dict:
         return {"indices": torch.tensor(indices, dtype=torch.long)}
 
-    def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
-
     @contextmanager
     def reference(self):
         """The reference policy: a frozen copy, the model with adapters off, or the start model."""
         if self.ref_model is not None:
             yield self.ref_model
         elif self.config.lora:
-            model = self.unwrapped_model()
+            model = self.unwrapped
             with model.disable_adapter():
                 yield model
         else:  # before the first step the policy is the reference
@@ -373,7 +370,7 @@ class AlignTrainer(NegprefTrainer):
             cfg.num_generations,
         )  # fmt: skip
         texts = generate(
-            self.unwrapped_model(), self.tokenizer, prompts, sampling, cfg.max_length,
+            self.unwrapped, self.tokenizer, prompts, sampling, cfg.max_length,
             batch_size=cfg.per_device_train_batch_size * 2, seed=cfg.seed * 100_003 + round_index,
         )  # fmt: skip
         kept = {}

@@ -13,8 +13,9 @@ so that machine load hits both alike. Round 0 is the equal-results check: from t
 weights and batches, the per-step losses must agree; it is also the warm-up and is left out
 of the throughput unless it is the only round. Throughput counts the attention-mask tokens of
 the policy forward (chosen + rejected), the quantity TRL logs as ``num_tokens``; a trainer's
-time runs from its first to its last step of a round (TRL: ``on_train_begin`` to
-``on_train_end``, so ``Trainer.train``'s one-off setup is not charged to it).
+time runs from ``on_train_begin`` to ``on_train_end`` of a round: both are ``transformers.Trainer``
+subclasses, and each round is one ``train()`` of ``--steps`` steps from the weights the
+previous round left.
 
 Peak memory (rounds after the first, like throughput): CUDA's peak allocated bytes on a GPU;
 on CPU the peak resident set size above the round's starting RSS, sampled every millisecond
@@ -162,8 +163,6 @@ def check(args) -> None:
 
 
 def run(args) -> dict:
-    from transformers import PrinterCallback, TrainerCallback
-
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -171,23 +170,31 @@ def run(args) -> dict:
     model, tokenizer = _model(args)
     records = pref_task.make_preferences(args.records, 1, args.seed)
     data = normalize_records(records, "pref_task")
+    with tempfile.TemporaryDirectory(prefix="negpref-bench-") as tmp:
+        return _rounds(args, model, tokenizer, records, data, tmp, cuda, device)
+
+
+def _rounds(args, model, tokenizer, records, data, tmp: str, cuda: bool, device) -> dict:
+    from transformers import PrinterCallback, TrainerCallback
+
     config = AlignConfig(
         beta=args.beta,
         learning_rate=args.learning_rate,
-        lr_scheduler="constant",
-        batch_size=args.batch_size,
-        max_steps=args.steps * args.rounds,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
         max_length=args.max_length,
         seed=args.seed,
-        cpu=not cuda,
+        use_cpu=not cuda,
         gradient_checkpointing=args.gradient_checkpointing == "on",
+        output_dir=f"{tmp}/ours",
+        save_strategy="no",
+        report_to="none",
+        verbosity="quiet",
     )
-    ours = AlignTrainer(config, copy.deepcopy(model), tokenizer, data)
+    ours = AlignTrainer(copy.deepcopy(model), config, data, tokenizer)
     n = len(data.records)  # TRL's sequential sampler: records in order, wrapping around
-    ours.schedule = [
-        [[(s * args.batch_size + i) % n for i in range(args.batch_size)]]
-        for s in range(ours.total_steps)
-    ]
+    ours.train_dataset.stream = [i % n for i in range(args.steps * args.batch_size)]
 
     class RoundTimer(TrainerCallback):
         seconds = 0.0
@@ -201,42 +208,39 @@ def run(args) -> dict:
             self.seconds = time.perf_counter() - self.start
 
     timer = RoundTimer()
+    ours.add_callback(timer)
     figures = {
         name: {"tokens": 0, "seconds": 0.0, "peak_memory_mb": 0.0} for name in ("ours", "trl")
     }
-    with tempfile.TemporaryDirectory(prefix="negpref-bench-") as tmp:
-        trl = _trl_trainer(args, copy.deepcopy(model), tokenizer, records, tmp, cuda)
-        trl.add_callback(timer)
-        trl.remove_callback(PrinterCallback)  # it prints every log line on stdout
-        losses = {}
+    trl = _trl_trainer(args, copy.deepcopy(model), tokenizer, records, f"{tmp}/trl", cuda)
+    trl.add_callback(timer)
+    trl.remove_callback(PrinterCallback)  # it prints every log line on stdout
+    losses = {}
 
-        def run_ours(r):
-            start_tokens, start = ours.tokens, time.perf_counter()
-            history_len = len(ours.history.steps)
-            ours.train(args.steps)
-            if cuda:
-                torch.cuda.synchronize()
-            if r == 0:
-                losses["ours"] = [h["loss"] for h in ours.history.steps[history_len:]]
-            return ours.tokens - start_tokens, time.perf_counter() - start
+    def run_ours(r):
+        start_tokens = ours.tokens
+        ours.train()
+        if r == 0:
+            losses["ours"] = [h["loss"] for h in ours.state.log_history if "loss" in h]
+        return ours.tokens - start_tokens, timer.seconds
 
-        def run_trl(r):
-            start_tokens = trl._total_train_tokens
-            trl.train()
-            if r == 0:
-                losses["trl"] = [h["loss"] for h in trl.state.log_history if "loss" in h]
-            return trl._total_train_tokens - start_tokens, timer.seconds
+    def run_trl(r):
+        start_tokens = trl._total_train_tokens
+        trl.train()
+        if r == 0:
+            losses["trl"] = [h["loss"] for h in trl.state.log_history if "loss" in h]
+        return trl._total_train_tokens - start_tokens, timer.seconds
 
-        for r in range(args.rounds):
-            order = (("ours", run_ours), ("trl", run_trl))
-            for name, fn in order if r % 2 == 0 else order[::-1]:
-                with PeakMemory(device) as mem:
-                    tokens, seconds = fn(r)
-                fig = figures[name]
-                if r > 0 or args.rounds == 1:  # round 0 also allocates optimizer state
-                    fig["peak_memory_mb"] = max(fig["peak_memory_mb"], mem.peak_bytes / 2**20)
-                    fig["tokens"] += tokens
-                    fig["seconds"] += seconds
+    for r in range(args.rounds):
+        order = (("ours", run_ours), ("trl", run_trl))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            with PeakMemory(device) as mem:
+                tokens, seconds = fn(r)
+            fig = figures[name]
+            if r > 0 or args.rounds == 1:  # round 0 also allocates optimizer state
+                fig["peak_memory_mb"] = max(fig["peak_memory_mb"], mem.peak_bytes / 2**20)
+                fig["tokens"] += tokens
+                fig["seconds"] += seconds
     for fig in figures.values():
         fig["tokens_per_second"] = fig["tokens"] / fig["seconds"]
     diffs = [abs(a - b) for a, b in zip(losses["ours"], losses["trl"], strict=True)]

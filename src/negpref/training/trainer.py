@@ -112,6 +112,11 @@ class NegprefTrainer(Trainer):
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(self.args.output_dir, TENSORBOARD_DIR)
 
+    @property
+    def unwrapped(self):
+        """The model being trained, without DDP/FSDP/DeepSpeed wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
     # --- data order and epochs -------------------------------------------------------------
     def epoch_of(self, step: int) -> float:
         """Passes over the data after optimizer step ``step``."""

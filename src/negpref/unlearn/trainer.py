@@ -233,10 +233,6 @@ class UnlearnTrainer(NegprefTrainer):
         return {**super().checkpoint_state(), "fingerprint": self.fingerprint}
 
     # --- reference --------------------------------------------------------------------------
-    @property
-    def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
     @torch.no_grad()
     def reference_forward(
         self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
