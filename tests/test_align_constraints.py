@@ -86,4 +86,4 @@ def test_constraint_study_cli_writes_json_plots_and_report(tmp_path, capsys):
     assert (
         main(["align", "constraint-study", "--out", str(tmp_path / "y"), "--responses", "1"]) == 2
     )
-    assert "--responses: must be >= 2" in capsys.readouterr().err
+    assert "responses: must be >= 2" in capsys.readouterr().err

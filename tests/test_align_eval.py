@@ -132,7 +132,7 @@ def test_align_cli_trains_writes_the_run_and_refuses_bad_input(files, tmp_path, 
     out = tmp_path / "run"
     argv = [
         "align", "--model", str(files / "policy"), "--data", str(files / "task" / "train.jsonl"),
-        "--method", "mcpo", "--max-steps", "2", "--batch-size", "4", "--cpu",
+        "--method", "mcpo", "--max-steps", "2", "--per-device-train-batch-size", "4", "--use-cpu",
         "--eval-reward", "sentiment", "--eval-prompts", "2", "--eval-samples", "1",
         "--eval-max-new-tokens", "4", "--out", str(out), "--json",
     ]  # fmt: skip

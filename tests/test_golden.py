@@ -133,7 +133,7 @@ def run_align(tmp: Path, inputs: Path, **s) -> list[dict]:
     # The recording logged the rate after the schedule stepped; the Trainer logs the rate the
     # step used (as the unlearning engine always did): step s's old figure is step s+1's, and
     # the linear schedule (no warm-up) ends at 0.
-    for now, after in zip(steps, steps[1:] + [{"learning_rate": 0.0}], strict=True):
+    for now, after in zip(steps, [*steps[1:], {"learning_rate": 0.0}], strict=True):
         now["learning_rate"] = after["learning_rate"]
     return steps
 

@@ -17,9 +17,9 @@ import pytest
 from browser import assert_figures_readable
 from negpref.align.config import AlignConfig
 from negpref.align.run import write_report
-from negpref.align.trainer import History
 from negpref.cli import main
 from negpref.report import Section, write_html_report
+from negpref.training.run_log import RunLog
 from negpref.u2a_report import ablation_report, run_sections
 
 matplotlib.use("Agg")
@@ -129,9 +129,9 @@ def test_align_reports(tmp_path, capsys):
          "rewards/accuracies": min(1.0, 0.5 + 0.02 * s), "logps/chosen": -30.0 + 0.1 * s}
         for s in range(1, 21)
     ]  # fmt: skip
-    history = History(
-        steps=steps, evals=[{"step": 0, "eval/reward": 0.1}, {"step": 20, "eval/reward": 0.3}]
-    )
+    history = RunLog(tmp_path, is_main=False, keep_through=-1)
+    history.metrics = steps
+    history.evals = [{"step": 0, "reward": 0.1}, {"step": 20, "reward": 0.3}]
     summary = {"final": steps[-1], "steps": 20, "data": {"records": 8}}
     path = tmp_path / "align" / "report.html"
     path.parent.mkdir()

@@ -71,13 +71,13 @@ def train(args) -> int:
     summary = run(config)
     last_eval = summary["evals"][-1] if summary["evals"] else {}
     lines = [
-        f"wrote {config.out}: {summary['steps']} steps, "
+        f"wrote {config.output_dir}: {summary['steps']} steps, "
         f"{summary['tokens_per_second'] or 0:.0f} tokens/s",
         "final: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()
                               if isinstance(v, float)),
     ]  # fmt: skip
     if last_eval:
-        lines.append(f"eval reward {last_eval.get('eval/reward', float('nan')):.4f}")
+        lines.append(f"eval reward {last_eval.get('reward', float('nan')):.4f}")
     _emit(args, summary, lines)
     return 0
 
