@@ -263,49 +263,49 @@ def align_setup(tmp_path_factory):
     pref_task.write_task(root / "task", n_records=8, k=3)
     base = dict(
         model=str(root / "policy"), data=str(root / "task" / "train.jsonl"), method="mcpo",
-        num_negatives=1, batch_size=2, max_steps=6, learning_rate=3e-3, save_every=2,
-        max_length=64, cpu=True, seed=2,
+        num_negatives=1, per_device_train_batch_size=2, max_steps=6, learning_rate=3e-3,
+        save_strategy="steps", save_steps=2, max_length=64, use_cpu=True, seed=2,
+        report_to="none",
     )  # fmt: skip
-    align_run.run(AlignConfig(**base, out=str(root / "straight")))
+    align_run.run(AlignConfig(**base, output_dir=str(root / "straight")))
     return root, base
 
 
 def test_align_resumes_bitwise_from_its_last_checkpoint(align_setup, tmp_path, monkeypatch):
     root, base = align_setup
     out = tmp_path / "run"
-    real_step = AlignTrainer.train_step
+    real_loss = AlignTrainer.pair_loss
 
-    def step_then_die(self):
-        record = real_step(self)
-        if self.step == 5:
+    def die_in_step_6(self, *args, **kwargs):
+        if self.state.global_step == 5:
             raise Interrupt
-        return record
+        return real_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(AlignTrainer, "train_step", step_then_die)
+    monkeypatch.setattr(AlignTrainer, "pair_loss", die_in_step_6)
     with pytest.raises(Interrupt):
-        align_run.run(AlignConfig(**base, out=str(out)))
-    monkeypatch.setattr(AlignTrainer, "train_step", real_step)
-    assert not out.exists() and ckpt.latest_checkpoint(stage_path(out)).name == "step-000004"
+        align_run.run(AlignConfig(**base, output_dir=str(out)))
+    monkeypatch.setattr(AlignTrainer, "pair_loss", real_loss)
+    assert not out.exists() and ckpt.latest_checkpoint(stage_path(out)).name == "checkpoint-4"
     with pytest.raises(NegprefError, match=r"unfinished run.*--resume"):
-        align_run.run(AlignConfig(**base, out=str(out)))  # nothing discarded silently
-    summary = align_run.run(AlignConfig(**base, out=str(out), resume=True))
+        align_run.run(AlignConfig(**base, output_dir=str(out)))  # nothing discarded silently
+    summary = align_run.run(AlignConfig(**base, output_dir=str(out), resume=True))
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
     assert_same_weights(out, root / "straight")
 
     def losses(path):
         lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-        return [(m["step"], m["loss"]) for m in lines if "loss" in m]
+        return [(m["step"], m["loss"]) for m in lines]
 
     assert losses(out) == losses(root / "straight")
     with pytest.raises(NegprefError, match="finished run"):
-        align_run.run(AlignConfig(**base, out=str(out), resume=True))
+        align_run.run(AlignConfig(**base, output_dir=str(out), resume=True))
 
 
 def test_align_refuses_a_locked_out_dir(align_setup, tmp_path):
     _, base = align_setup
     out = tmp_path / "run"
     with run_dir_lock(out), pytest.raises(NegprefError, match="another negpref run"):
-        align_run.run(AlignConfig(**base, out=str(out)))
+        align_run.run(AlignConfig(**base, output_dir=str(out)))
 
 
 def test_a_stage_left_by_a_killed_run_is_swept_by_the_next_one(tmp_path):

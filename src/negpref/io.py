@@ -171,12 +171,41 @@ def recover_replaced(out: Path) -> None:
 
 
 def _has_checkpoints(stage: Path) -> bool:
+    """A Trainer's ``checkpoint-N`` folders, or a job's own ``checkpoints/`` (U2A rounds)."""
     saved = stage / "checkpoints"
-    return saved.is_dir() and any(saved.iterdir())
+    return any(stage.glob("checkpoint-*")) or (saved.is_dir() and any(saved.iterdir()))
 
 
 @contextlib.contextmanager
 def staged_out_dir(
+    out: str | os.PathLike, overwrite: bool = False, resume: bool = False, processes=None
+) -> Iterator[Path]:
+    """``_staged_out_dir`` for one process; with ``processes`` (accelerate's ``PartialState``
+    of several) the main process locks, stages and renames, every process writes into the
+    stage and learns of a refusal, and the rename waits for all of them."""
+    if processes is None or processes.num_processes == 1:
+        with _staged_out_dir(out, overwrite, resume) as stage:
+            yield stage
+        return
+    from accelerate.utils import broadcast_object_list
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if processes.is_main_process:
+            try:
+                stack.enter_context(_staged_out_dir(out, overwrite, resume))
+            except NegprefError as e:
+                error = str(e)
+        error = broadcast_object_list([error])[0]
+        if error:
+            raise NegprefError(error)
+        processes.wait_for_everyone()
+        yield stage_path(Path(out))
+        processes.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _staged_out_dir(
     out: str | os.PathLike, overwrite: bool = False, resume: bool = False
 ) -> Iterator[Path]:
     """Yield a staging directory that becomes ``out`` only if the block succeeds.

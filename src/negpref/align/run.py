@@ -159,12 +159,16 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
         if not (config.model or config.gguf):
             raise NegprefError("model: give the policy model directory (or gguf: a GGUF file)")
         model, tokenizer = load_model(ModelSpec(config.model, config.gguf, config.dtype))
-    with staged_out_dir(out, config.overwrite, resume=config.resume) as stage:
+    from accelerate import PartialState
+
+    processes = PartialState()
+    with staged_out_dir(out, config.overwrite, config.resume, processes) as stage:
         checkpoint = _resume_point(config, stage) if config.resume else None
         resume_from = checkpoint.checkpoint if checkpoint is not None else None
-        for partial in ckpt.incomplete_checkpoints(stage):  # a save a kill interrupted
-            shutil.rmtree(partial, ignore_errors=True)
-        atomic_write_json(stage / "config.json", config_to_dict(config))
+        if processes.is_main_process:
+            for partial in ckpt.incomplete_checkpoints(stage):  # a save a kill interrupted
+                shutil.rmtree(partial, ignore_errors=True)
+            atomic_write_json(stage / "config.json", config_to_dict(config))
         trainer = AlignTrainer(
             model, config.replace(output_dir=str(stage)), data, tokenizer, run_dir=stage
         )
@@ -180,12 +184,14 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
             raise NegprefError(
                 f"{e}, {where}; lower learning_rate or check the data and model"
             ) from None
-        if config.save_model:
-            save_model(trainer.unwrapped, tokenizer, stage / "model")
         summary = summarize(trainer, run_log, data)
         summary["resumed_from_step"] = _step(resume_from) if resume_from else None
-        atomic_write_json(stage / "summary.json", summary)
-        write_report(stage / "report.html", config, summary, run_log)
+        summary["processes"] = processes.num_processes
+        if processes.is_main_process:
+            if config.save_model:
+                save_model(trainer.unwrapped, tokenizer, stage / "model")
+            atomic_write_json(stage / "summary.json", summary)
+            write_report(stage / "report.html", config, summary, run_log)
     return summary
 
 

@@ -220,17 +220,17 @@ class AlignTrainer(NegprefTrainer):
         )
 
     def completion_logps(
-        self, indices: list[int], encoded: list[Encoded], owner: list[int]
+        self, indices: list[int], encoded: list[Encoded], owner: list[int], model=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy log-probs and lengths of ``encoded``; ``encoded[j]`` answers ``indices[owner[j]]``."""
-        device = self.args.device
+        device, model = self.args.device, model if model is not None else self.model
         with self.accelerator.autocast():
             if self.share_prompt:
                 prompts = [split_answer(self.items[i].chosen)[0] for i in indices]
                 answers = [split_answer(e)[1] for e in encoded]
-                return shared_prompt_logps(self.model, prompts, answers, owner, self.pad_id, device)
+                return shared_prompt_logps(model, prompts, answers, owner, self.pad_id, device)
             batch = batch_to(collate(encoded, self.pad_id), device)
-            return answer_logps(self.model, batch, self.trim)
+            return answer_logps(model, batch, self.trim)
 
     @torch.no_grad()
     def _kernel_scores(
@@ -283,9 +283,10 @@ class AlignTrainer(NegprefTrainer):
     # -- one step -----------------------------------------------------------------------------
 
     def pair_loss(
-        self, indices: list[int], negatives: list[list[int]]
+        self, indices: list[int], negatives: list[list[int]], model=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Loss, TRL-named metrics and tokens of prompts ``indices`` against ``negatives``."""
+        """Loss, TRL-named metrics and tokens of prompts ``indices`` against ``negatives``;
+        ``model``: the policy as the Trainer wraps it (DDP/FSDP), default the bare one."""
         cfg, device = self.config, self.args.device
         pools = [self.candidates(i) for i in indices]
         chosen = [self.items[i].chosen for i in indices]
@@ -293,7 +294,8 @@ class AlignTrainer(NegprefTrainer):
         b = len(indices)
         neg_owner = [o for o, js in enumerate(negatives) for _ in js]
         # one batch [chosen..., negatives...], as TRL's concatenated forward
-        logps = self.completion_logps(indices, chosen + negs, list(range(b)) + neg_owner)[0]
+        owners = list(range(b)) + neg_owner
+        logps = self.completion_logps(indices, chosen + negs, owners, model)[0]
         logps = logps.float()
         owner = torch.tensor(neg_owner, device=device)
         chosen_logps, neg_logps = logps[:b], logps[b:]
@@ -342,7 +344,7 @@ class AlignTrainer(NegprefTrainer):
         """One micro-batch: pick negatives, one batched forward, the preference loss."""
         indices = inputs["indices"].tolist()
         negatives, kernel = self.pick_negatives(indices)
-        loss, metrics, tokens = self.pair_loss(indices, negatives)
+        loss, metrics, tokens = self.pair_loss(indices, negatives, model)
         self.tokens += tokens
         if kernel is not None:
             metrics["mcpo/kernel_entropy"] = kernel.entropy.mean()

@@ -64,11 +64,15 @@ def _emit(args, result: dict, lines: list[str]) -> None:
 
 
 def train(args) -> int:
+    from accelerate import PartialState
+
     from negpref.align.config import AlignConfig
     from negpref.align.run import run
 
     config = build_config(AlignConfig, args)
     summary = run(config)
+    if not PartialState().is_main_process:  # under `accelerate launch`: report once
+        return 0
     last_eval = summary["evals"][-1] if summary["evals"] else {}
     lines = [
         f"wrote {config.output_dir}: {summary['steps']} steps, "
