@@ -155,7 +155,7 @@ def _scalars(record: dict) -> dict:
 
 
 def _forget_ratios(logs: dict) -> list[float]:
-    from negpref.eval.tofu_logs import FORGET_FILE
+    from negpref.eval.tofu_files import FORGET_FILE
 
     return [v for v in logs[FORGET_FILE]["truth_ratio"].values()]
 
@@ -167,7 +167,7 @@ def _generations(logs: dict) -> dict[str, dict[str, list]]:
 
 def pick_samples(sets, logs_by_model: dict[str, dict], per_set: int = 2) -> dict[str, list[dict]]:
     """The same few questions of each set, with every model's greedy answer."""
-    from negpref.eval.tofu_logs import EVAL_FILES
+    from negpref.eval.tofu_files import EVAL_FILES
 
     chosen = {
         "forget": [("forget", k) for k in sets.forget.keys[:per_set]],
