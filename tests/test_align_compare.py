@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from negpref.align import compare
+from negpref.studies import mcpo_compare as compare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

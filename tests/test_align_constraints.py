@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import rounding_bound
-from negpref.align import constraints as cs
 from negpref.cli import main
+from negpref.studies import dpo_constraints as cs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,28 +14,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import negpref.demo
+import negpref.studies.demo.models
 from browser import assert_figures_readable, screenshot
 from negpref.cli import build_parser, main
 from negpref.config import build_config
 from negpref.data.fictitious import generate_corpus
-from negpref.demo import (
-    DEFAULT_METHODS,
-    DEFAULT_SEEDS,
-    DemoConfig,
+from negpref.studies.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig
+from negpref.studies.demo.findings import (
     best_with_utility_kept,
-    command_line,
     judge_findings,
-    model_entries,
     over_seeds,
     paper_findings,
     spread,
     verdict,
-    worker_pool,
 )
-from negpref.report.demo_report import build_demo_report
-from negpref.report.demo_tables import main as demo_tables_main
-from negpref.report.demo_tables import rewrite_regions
+from negpref.studies.demo.models import model_entries
+from negpref.studies.demo.report import build_demo_report
+from negpref.studies.demo.run import worker_pool
+from negpref.studies.demo.settings import command_line
+from negpref.studies.demo.tables import main as demo_tables_main
+from negpref.studies.demo.tables import rewrite_regions
 
 QUICK_REFERENCE = Path(__file__).parent / "data" / "demo_quick_summary.json"
 REFRESH = (
@@ -294,7 +292,7 @@ def test_cache_entries_are_per_seed_and_per_cpu(monkeypatch, tmp_path):
     assert seed0["target"] != seed0["retain"]
     assert model_entries(config, corpus, 0, tmp_path) == seed0  # a pure function of its inputs
     # another CPU's kernels train another model: its cached models are not reused here
-    monkeypatch.setattr(negpref.demo, "_cpu_model", lambda: "another CPU")
+    monkeypatch.setattr(negpref.studies.demo.models, "cpu_model", lambda: "another CPU")
     elsewhere = model_entries(config, corpus, 0, tmp_path)
     assert elsewhere["target"] != seed0["target"] and elsewhere["retain"] != seed0["retain"]
 

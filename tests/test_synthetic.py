@@ -12,7 +12,7 @@ from scipy import integrate, stats
 from conftest import rounding_bound
 from negpref import losses
 from negpref.cli import main
-from negpref.synthetic.data import (
+from negpref.studies.synthetic.data import (
     DataSpec,
     bernoulli_kl,
     cross_entropy_grad,
@@ -20,8 +20,8 @@ from negpref.synthetic.data import (
     fit_logistic,
     log_prob,
 )
-from negpref.synthetic.divergence import DivergenceConfig, run_divergence
-from negpref.synthetic.study import (
+from negpref.studies.synthetic.divergence import DivergenceConfig, run_divergence
+from negpref.studies.synthetic.study import (
     TABLE1,
     BetaSweepConfig,
     Figure4Config,
@@ -29,7 +29,14 @@ from negpref.synthetic.study import (
     run_beta_sweep,
     run_figure4,
 )
-from negpref.synthetic.unlearn import METHODS, PAPER_METHODS, Arm, LogProbs, method_loss, unlearn
+from negpref.studies.synthetic.unlearn import (
+    METHODS,
+    PAPER_METHODS,
+    Arm,
+    LogProbs,
+    method_loss,
+    unlearn,
+)
 
 # Small but faithful settings for the fast tests: fewer instances and shorter fits.
 FAST = {"instances": 2, "fit_steps": 3000}

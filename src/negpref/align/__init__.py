@@ -1,5 +1,5 @@
-"""Preference optimization: DPO, generalized-link DPO, ranking NCE, MC-PO / OnMC-PO negatives,
-and the constrained DPO-vs-RLHF study. ``run(AlignConfig)`` is ``negpref align``."""
+"""Preference optimization: DPO, generalized-link DPO, ranking NCE, MC-PO / OnMC-PO negatives.
+``run(AlignConfig)`` is ``negpref align``; its studies are in ``negpref.studies``."""
 
 from negpref.align.config import AlignConfig
 from negpref.align.links import link_dpo

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from negpref.config import add_config_arguments, build_config, config_to_dict
-from negpref.io import atomic_write_bytes, atomic_write_json, staged_out_dir
+from negpref.config import add_config_arguments, build_config
+from negpref.io import staged_out_dir
 
 
 def _common(parser, what: str) -> None:
@@ -21,9 +21,9 @@ def _common(parser, what: str) -> None:
 
 
 def register(sub) -> None:
-    from negpref.align.compare import CompareSettings
     from negpref.align.config import AlignConfig
-    from negpref.align.constraints import StudySettings
+    from negpref.studies.dpo_constraints import StudySettings
+    from negpref.studies.mcpo_compare import CompareSettings
 
     parser = sub.add_parser(
         "align",
@@ -87,87 +87,20 @@ def train(args) -> int:
 
 
 def constraint_study(args) -> int:
-    from negpref.align import constraints
-    from negpref.report import Section, write_html_report
+    from negpref.studies import dpo_constraints
 
-    settings = build_config(constraints.StudySettings, args)
-    problem = constraints.make_problem(
-        settings.prompts,
-        settings.responses,
-        settings.beta,
-        settings.reward_scale,
-        settings.ref_concentration,
-        settings.seed,
-    )
-    with staged_out_dir(args.out, args.overwrite) as stage:
-        result = {"settings": config_to_dict(settings), **constraints.study(problem, settings.seed)}
-        gap_png, penalty_png = constraints.gap_png(result), constraints.penalty_png()
-        atomic_write_json(stage / "constraint_study.json", result)
-        atomic_write_bytes(stage / "constraint_gap.png", gap_png)
-        atomic_write_bytes(stage / "penalty.png", penalty_png)
-        columns = ["constraint", "level", "KL(RLHF||DPO)", "reward gap", "RLHF subopt. of DPO"]
-        rows = [
-            [kind, r["level"], r["kl_rlhf_dpo"], r["reward_gap"], r["rlhf_suboptimality_of_dpo"]]
-            for kind, sweep in result["sweeps"].items()
-            for r in sweep
-        ]
-        write_html_report(
-            stage / "report.html",
-            "Constrained DPO vs constrained RLHF",
-            [
-                Section(
-                    "Proposition 3.1",
-                    ["Gap between the constrained RLHF and DPO optima; the last level of each "
-                     "sweep is unconstrained."],
-                    tables=[(columns, rows)],
-                    figures=[(gap_png, "gap vs constraint level")],
-                ),
-                Section("Section 5: noise-adaptive penalty",
-                        figures=[(penalty_png, "log(gamma + u)")]),
-            ],
-        )  # fmt: skip
-    lines = [f"wrote {args.out}"]
-    for kind, sweep in result["sweeps"].items():
-        tight, loose = sweep[0], sweep[-1]
-        lines.append(
-            f"{kind}: KL(RLHF||DPO) {tight['kl_rlhf_dpo']:.3g} at {tight['level']:g} -> "
-            f"{loose['kl_rlhf_dpo']:.3g} at {loose['level']:g}"
-        )
-    _emit(args, result, lines)
+    settings = build_config(dpo_constraints.StudySettings, args)
+    result = dpo_constraints.run_constraint_study(settings, args.out, args.overwrite)
+    _emit(args, result, [f"wrote {args.out}", *dpo_constraints.summary_lines(result)])
     return 0
 
 
 def compare_methods(args) -> int:
-    from negpref.align.compare import CompareSettings, run_compare
-    from negpref.report import Section, write_html_report
+    from negpref.studies import mcpo_compare
 
-    settings = build_config(CompareSettings, args)
-    with staged_out_dir(args.out, args.overwrite) as stage:
-        result, png = run_compare(settings)
-        atomic_write_json(stage / "compare.json", result)
-        atomic_write_bytes(stage / "compare.png", png)
-        columns = ["variant", "final reward", "std", "steps to DPO final", "std", "reached",
-                   "reward AUC", "p (paired t vs DPO)"]  # fmt: skip
-        rows = [
-            [name, r["final_reward"]["mean"], r["final_reward"]["std"],
-             r["steps_to_baseline_final"]["mean"], r["steps_to_baseline_final"]["std"],
-             f"{r['reached_baseline']}/{len(settings.seeds)}", r["reward_auc"]["mean"],
-             r.get("paired_t_pvalue", "")]
-            for name, r in result["summary"].items()
-        ]  # fmt: skip
-        write_html_report(
-            stage / "report.html",
-            "MC-PO vs DPO on the offline preference task",
-            [Section("Summary", tables=[(columns, rows)], figures=[(png, "reward curves")])],
-        )
-    lines = [f"wrote {args.out}"] + [
-        f"{name}: final reward {r['final_reward']['mean']:.3f} ± {r['final_reward']['std']:.3f}, "
-        f"steps to DPO final {r['steps_to_baseline_final']['mean']:.1f} "
-        f"± {r['steps_to_baseline_final']['std']:.1f} "
-        f"({r['reached_baseline']}/{len(settings.seeds)} seeds)"
-        for name, r in result["summary"].items()
-    ]
-    _emit(args, result, lines)
+    settings = build_config(mcpo_compare.CompareSettings, args)
+    result = mcpo_compare.write_compare(settings, args.out, args.overwrite)
+    _emit(args, result, [f"wrote {args.out}", *mcpo_compare.summary_lines(result)])
     return 0
 
 

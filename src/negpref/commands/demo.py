@@ -6,8 +6,8 @@ import argparse
 import json
 
 from negpref.config import add_config_arguments, build_config
-from negpref.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig, run_demo
-from negpref.report.demo_report import format_spread
+from negpref.studies.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig, run_demo
+from negpref.studies.demo.report import format_spread
 
 EPILOG = f"""Builds a TOFU-like corpus of fictitious authors and, for each seed
 ({" ".join(map(str, DEFAULT_SEEDS))} by default), trains a small Llama on all of it (the target) and

@@ -37,7 +37,8 @@ from negpref.eval.generation import greedy_continue, greedy_generate
 from negpref.eval.mia import mia_auc, mia_summary
 from negpref.eval.scoring import model_attack_scores, score_encoded
 from negpref.eval.tofu import subsample
-from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC, META_KEY, short_list
+from negpref.eval.tofu_files import META_KEY, short_list
+from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC
 
 # MUSE's defaults (its verbmem files hold 32-token prompts, continued for 128 new tokens; its
 # knowmem answers are generated for up to 32 tokens and cut at these strings).

@@ -29,7 +29,7 @@ from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.generation import greedy_generate
 from negpref.eval.scoring import AnswerScores, model_attack_scores, score_answers
-from negpref.eval.tofu_logs import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
+from negpref.eval.tofu_files import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
 
 # Source files in a TOFU-format data directory.
 RETAIN_PERTURBED = "retain_perturbed.json"

@@ -37,28 +37,23 @@ from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval import open_unlearning as ou
 from negpref.eval.mia import ALL_ATTACKS, mia_auc, mia_summary
+from negpref.eval.tofu_files import (
+    EVAL_FILES,
+    FORGET_FILE,
+    HOLDOUT_FILE,
+    META_KEY,
+    RETAIN_FILE,
+    short_list,
+)
 from negpref.io import atomic_write_json
 
 if TYPE_CHECKING:
     from negpref.eval.tofu import TofuSets
 
-RETAIN_FILE = "eval_log.json"
-FORGET_FILE = "eval_log_forget.json"
-REAL_AUTHORS_FILE = "eval_real_author_wo_options.json"
-WORLD_FACTS_FILE = "eval_real_world_wo_options.json"
-HOLDOUT_FILE = "eval_log_holdout.json"
-META_KEY = "negpref_meta"  # how the logs were made (prompt format, conventions); not a set
 TOFU_LOGS_FILE = "logs.json"
 # open-unlearning's reference AUC for PrivLeak when there is no retain model (privleak.yaml)
 DEFAULT_PRIVLEAK_REF_AUC = 0.5
 
-# Set kind -> log file, in TOFU's order. Utility sets feed model utility; forget feeds quality.
-EVAL_FILES = {
-    "retain": RETAIN_FILE,
-    "real_authors": REAL_AUTHORS_FILE,
-    "world_facts": WORLD_FACTS_FILE,
-    "forget": FORGET_FILE,
-}
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 KNOWN_FILES = (*EVAL_FILES.values(), HOLDOUT_FILE)
 # Metrics TOFU's aggregation reads (and so every eval file must hold); ROUGE-L only when the
@@ -71,12 +66,6 @@ _AGGREGATED_METRICS = (
 _OPTIONAL_METRICS = ("rougeL_recall",)
 _HOLDOUT_METRICS = ("avg_gt_loss", *(f"mia_{a}" for a in ALL_ATTACKS))
 MEMORIZATION_METRICS = ("exact_memorization", "extraction_strength")
-
-
-def short_list(indices, limit: int = 10) -> str:
-    """``1, 2, 3 (and 7 more)``: item indices for error messages."""
-    shown = ", ".join(str(i) for i in indices[:limit])
-    return shown + (f" (and {len(indices) - limit} more)" if len(indices) > limit else "")
 
 
 def _logs_file(path: Path, what: str) -> Path:

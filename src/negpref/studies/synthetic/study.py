@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from negpref.config import config_to_dict, require
-from negpref.synthetic.data import (
+from negpref.studies.synthetic.data import (
     DataSpec,
     Instances,
     bernoulli_kl,
     draw_instances,
     fit_logistic,
 )
-from negpref.synthetic.unlearn import (
+from negpref.studies.synthetic.unlearn import (
     METHODS,
     PAPER_METHODS,
     USES_BETA,

@@ -1,6 +1,6 @@
 """The demo's tables in the README and docs/demo.md, written from a run's ``summary.json``.
 
-    python -m negpref.report.demo_tables runs/demo/summary.json README.md docs/demo.md
+    python -m negpref.studies.demo.tables runs/demo/summary.json README.md docs/demo.md
 
 rewrites every marked region ``<!-- demo:NAME -->`` ... ``<!-- /demo:NAME -->`` of the given
 files (NAME one of ``REGIONS``), so the numbers a reader sees are those of a real run.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_text
-from negpref.report.demo_report import format_spread
+from negpref.studies.demo.report import format_spread
 
 _REGION = re.compile(r"(<!-- demo:([a-z-]+) -->\n)(.*?)(<!-- /demo:\2 -->)", re.DOTALL)
 

@@ -1,8 +1,8 @@
 """What a synthetic run leaves in its output directory, and its one-screen summary.
 
 ``results.json`` (the curves and summaries), the PNG figures and a self-contained
-``report.html``; the CLI writes them into a staging directory that becomes ``--out`` only
-when everything is written.
+``report.html``; ``run.run_study`` writes them into a staging directory that becomes ``--out``
+only when everything is written.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from negpref.io import atomic_write_json
 from negpref.report import Section, write_html_report
-from negpref.synthetic.plots import (
+from negpref.studies.synthetic.plots import (
     plot_beta_sweep,
     plot_divergence,
     plot_figure4,

@@ -28,7 +28,9 @@ from negpref.align.trainer import AlignTrainer, RewardEvaluation
 from negpref.config import require
 from negpref.data import pref_task
 from negpref.data.preference import normalize_records
+from negpref.io import atomic_write_bytes, atomic_write_json, staged_out_dir
 from negpref.models import tiny_llama
+from negpref.report import Section, write_html_report
 from negpref.report.style import curve_style
 from negpref.training.run_log import RunCallback, RunLog
 
@@ -268,3 +270,39 @@ def run_compare(settings: CompareSettings) -> tuple[dict, bytes]:
         "per_seed": per_seed,
     }
     return result, plot(per_seed)
+
+
+def write_compare(settings: CompareSettings, out, overwrite: bool = False) -> dict:
+    """``run_compare`` into ``out``, all at once: ``compare.json``, ``compare.png`` and
+    ``report.html``; returns the JSON's content."""
+    with staged_out_dir(out, overwrite) as stage:
+        result, png = run_compare(settings)
+        atomic_write_json(stage / "compare.json", result)
+        atomic_write_bytes(stage / "compare.png", png)
+        columns = ["variant", "final reward", "std", "steps to DPO final", "std", "reached",
+                   "reward AUC", "p (paired t vs DPO)"]  # fmt: skip
+        rows = [
+            [name, r["final_reward"]["mean"], r["final_reward"]["std"],
+             r["steps_to_baseline_final"]["mean"], r["steps_to_baseline_final"]["std"],
+             f"{r['reached_baseline']}/{len(settings.seeds)}", r["reward_auc"]["mean"],
+             r.get("paired_t_pvalue", "")]
+            for name, r in result["summary"].items()
+        ]  # fmt: skip
+        write_html_report(
+            stage / "report.html",
+            "MC-PO vs DPO on the offline preference task",
+            [Section("Summary", tables=[(columns, rows)], figures=[(png, "reward curves")])],
+        )
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """Per variant: final reward and steps to the DPO baseline's final reward over the seeds."""
+    seeds = len(result["settings"]["seeds"])
+    return [
+        f"{name}: final reward {r['final_reward']['mean']:.3f} ± {r['final_reward']['std']:.3f}, "
+        f"steps to DPO final {r['steps_to_baseline_final']['mean']:.1f} "
+        f"± {r['steps_to_baseline_final']['std']:.1f} "
+        f"({r['reached_baseline']}/{seeds} seeds)"
+        for name, r in result["summary"].items()
+    ]

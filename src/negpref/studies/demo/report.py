@@ -53,7 +53,7 @@ def _finite(value) -> bool:
 
 
 def format_spread(figure: dict | None) -> str:
-    """``mean ± std`` of a figure over the seeds (``negpref.demo.spread``); n/a when unknown."""
+    """``mean ± std`` of a figure over the seeds (``findings.spread``); n/a when unknown."""
     if not figure or figure.get("mean") is None:
         return "n/a"
     return f"{figure['mean']:.3g} ± {figure['std']:.2g}"

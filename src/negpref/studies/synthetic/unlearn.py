@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from negpref import losses
-from negpref.synthetic.data import log_prob
+from negpref.studies.synthetic.data import log_prob
 from negpref.threads import single_threaded
 
 

@@ -18,8 +18,8 @@ import torch
 from scipy import optimize, stats
 
 from negpref.config import config_to_dict, require
-from negpref.synthetic.data import DTYPE
-from negpref.synthetic.unlearn import Arm, recorded_steps, unlearn
+from negpref.studies.synthetic.data import DTYPE
+from negpref.studies.synthetic.unlearn import Arm, recorded_steps, unlearn
 
 
 @dataclass
