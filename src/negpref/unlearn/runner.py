@@ -469,6 +469,9 @@ def _non_finite_error(trainer, run_callback, error: NonFiniteStep, out: Path, co
     """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
     good = ckpt.latest_checkpoint(out)
     step = error.step
+    # The failed step's figures (a NaN loss, ...) are the last metrics.jsonl line: the diagnosis.
+    figures = {k: v for k, v in error.metrics.items() if k != "tokens"}
+    run_callback.run_log.step({"step": step, **figures})
     if (
         not error.applied
         and config.save_strategy != "no"
