@@ -2,10 +2,10 @@
 
 Reads top to bottom: inputs are checked before anything is written; the run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
-results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
-the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``; a LoRA
-run from a GGUF file also ``base_model/``, which the adapter names as its base) and
-``summary.json``.
+results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoint-N/`` (the
+newest ``save_total_limit``), the final model (``model/``; with LoRA ``adapter/`` and, with
+``merge``, ``model/``; a LoRA run from a GGUF file also ``base_model/``, which the adapter
+names as its base) and ``summary.json``.
 """
 
 from __future__ import annotations
