@@ -26,6 +26,7 @@ import torch
 from negpref import losses
 from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
+from negpref.models import as_trainable
 from negpref.training.trainer import NegprefTrainer
 from negpref.unlearn.config import UnlearnConfig
 from negpref.unlearn.dataset import (
@@ -187,6 +188,7 @@ class UnlearnTrainer(NegprefTrainer):
                 args.prompt_format(),
             )
         self.data = data
+        model = as_trainable(model)  # a model dequantised from GGUF trains as a plain one
         if args.lora and not hasattr(model, "peft_config"):
             model = add_lora(model, args)
         check_model_settings(model, args, objective)
