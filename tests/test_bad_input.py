@@ -55,8 +55,8 @@ def files(tmp_path_factory):
 def unlearn(files, out, *extra):
     return [
         "unlearn", "--model", str(files["model"]), "--forget", str(files["forget"]),
-        "--out", str(out), "--batch-size", "2", "--grad-accum", "1", "--epochs", "1",
-        "--warmup", "0", "--method", "GA", *extra,
+        "--out", str(out), "--per-device-train-batch-size", "2", "--gradient-accumulation-steps",
+        "1", "--num-train-epochs", "1", "--warmup-epochs", "0", "--method", "GA", *extra,
     ]  # fmt: skip
 
 
@@ -314,9 +314,9 @@ def test_hub_id_offline_fails_at_once_and_online_reaches_the_hub(
 @pytest.mark.parametrize(
     "verb, flag, value, fragment",
     [
-        ("unlearn", "--epochs", "inf", "finite"),
+        ("unlearn", "--num-train-epochs", "inf", "finite"),
         ("align", "--epochs", "inf", "finite"),
-        ("unlearn", "--lr", "nan", "finite"),
+        ("unlearn", "--learning-rate", "nan", "finite"),
         ("unlearn", "--seed", "-1", "seed"),
         ("align", "--seed", "-1", "seed"),
         ("u2a", "--seed", "-1", "seed"),
@@ -332,7 +332,7 @@ def test_infinite_numbers_and_negative_seeds(files, tmp_path, capsys, verb, flag
 def test_lora_target_modules_naming_no_module(files, tmp_path, capsys):
     out = tmp_path / "out"
     argv = unlearn(files, out, "--lora", "--lora-target-modules", "q_proj", "qkv_typo")
-    fails(argv, capsys, "--lora-target-modules", "qkv_typo", "q_proj")  # lists real names
+    fails(argv, capsys, "lora_target_modules: ", "qkv_typo", "q_proj")  # lists real names
     assert not out.exists()
     fails(u2a(files, out, "--lora-targets", "nope"), capsys, "--lora-targets", "nope")
     assert not out.exists()

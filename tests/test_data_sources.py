@@ -147,8 +147,9 @@ def test_unlearn_cli_reads_parquet_and_csv(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
         "unlearn", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
-        "--method", "GA+RT", "--out", str(out), "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
-        "--num-train-epochs", "1", "--warmup-epochs", "0", "--json",
+        "--method", "GA+RT", "--out", str(out), "--per-device-train-batch-size", "2",
+        "--gradient-accumulation-steps", "1", "--num-train-epochs", "1", "--warmup-epochs", "0",
+        "--json",
     ]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -160,7 +161,7 @@ def test_align_cli_reads_a_saved_dataset_folder(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
         "align", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-        "--max-steps", "1", "--per-device-train-batch-size", "2", "--use-cpu", "--json",
+        "--max-steps", "1", "--batch-size", "2", "--cpu", "--json",
     ]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -213,7 +214,7 @@ def test_u2a_cli_reads_parquet_negatives_and_csv_preferences(model_dir, tmp_path
     argv = [
         "u2a", "--model", str(model_dir), "--forget", str(negatives), "--preference",
         str(preference), "--rounds", "1", "--init-size", "2", "--per-round", "1", "--delta",
-        "-1", "--inner-steps", "1", "--inner-lr", "1e-3", "--per-device-train-batch-size", "2", "--lora-r", "2",
+        "-1", "--inner-steps", "1", "--inner-lr", "1e-3", "--batch-size", "2", "--lora-r", "2",
         "--out", str(out), "--json",
     ]  # fmt: skip
     assert main(argv) == 0

@@ -52,8 +52,9 @@ def setup(tmp_path_factory):
     # 8 records x 2 epochs / effective batch 4 = 4 steps, a checkpoint after each.
     base = dict(
         model=str(root / "model"), forget=str(root / "forget.jsonl"),
-        retain=str(root / "retain.jsonl"), method="NPO+RT", batch_size=4, grad_accum=1, epochs=2,
-        lr=3e-3, save_every=1, seed=1,
+        retain=str(root / "retain.jsonl"), method="NPO+RT", per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, num_train_epochs=2, learning_rate=3e-3,
+        save_strategy="steps", save_steps=1, seed=1,
     )  # fmt: skip
     run(UnlearnConfig(**base, output_dir=str(root / "straight")))
     return root, base
@@ -72,7 +73,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def interrupted(setup, out: Path, after: int = 3) -> dict:
     _, base = setup
-    config = {**base, "out": str(out)}
+    config = {**base, "output_dir": str(out)}
     with pytest.raises(Interrupt):
         run(UnlearnConfig(**config), callbacks=[StopAfter(after)])
     return config
@@ -91,14 +92,21 @@ class Payload:
 def test_two_newest_checkpoints_are_kept(setup, tmp_path):
     interrupted(setup, tmp_path / "run")
     names = [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")]
-    assert names == ["step-000002", "step-000001"]
+    assert names == ["checkpoint-2", "checkpoint-1"]
 
 
 @pytest.mark.parametrize(
     "victim",
-    ["model.safetensors", "optimizer.bin", "random_states_0.pkl", ckpt.STATE_FILE,
-     "custom_checkpoint_0.pkl"],
-)  # fmt: skip
+    [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+        ckpt.STATE_FILE,
+        "scheduler.pt",
+        ckpt.TRAINER_STATE_FILE,
+        "training_args.bin",
+    ],
+)  # fmt: skip  (every file of a checkpoint-N, and the pickle negpref no longer writes)
 def test_a_planted_pickle_payload_never_runs_on_resume(setup, tmp_path, victim):
     root, _ = setup
     out = tmp_path / "run"
@@ -133,7 +141,7 @@ def test_no_usable_checkpoint_is_one_clear_error(setup, tmp_path):
     out = tmp_path / "run"
     config = interrupted(setup, out)
     for checkpoint in ckpt.complete_checkpoints(out):
-        (checkpoint / "optimizer.bin").write_bytes(b"\0" * 10)
+        (checkpoint / "optimizer.pt").write_bytes(b"\0" * 10)
     with pytest.raises(NegprefError, match="no usable checkpoint"):
         run(UnlearnConfig(**{**config, "resume": True}))
 
@@ -159,14 +167,14 @@ def test_a_second_run_on_a_locked_out_dir_is_refused(setup, tmp_path):
         run(UnlearnConfig(**base, output_dir=str(out)))
     assert not out.exists()  # refused before anything was written
     run(
-        UnlearnConfig(**{**base, "epochs": 1}, output_dir=str(out))
+        UnlearnConfig(**{**base, "num_train_epochs": 1}, output_dir=str(out))
     )  # the lock went with its holder
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(setup, tmp_path):
     _, base = setup
     out = tmp_path / "run"
-    run(UnlearnConfig(**{**base, "epochs": 1}, output_dir=str(out)))
+    run(UnlearnConfig(**{**base, "num_train_epochs": 1}, output_dir=str(out)))
     old = weights(out)
     with pytest.raises(Interrupt):
         run(UnlearnConfig(**base, output_dir=str(out), overwrite=True), callbacks=[StopAfter(3)])
@@ -192,7 +200,7 @@ def test_replacing_a_directory_survives_a_kill_between_its_renames(tmp_path):
 
 
 def test_an_infinite_learning_rate_is_refused():
-    with pytest.raises(NegprefError, match="lr"):
+    with pytest.raises(NegprefError, match="learning_rate"):
         UnlearnConfig(learning_rate=float("inf"), forget="f", output_dir="o").validate()
 
 
@@ -213,43 +221,53 @@ def test_weights_that_turn_non_finite_stop_the_run_at_the_last_good_checkpoint(
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
-    with pytest.raises(NegprefError, match=r"step 2 made the weights non-finite.*step-000001"):
+    with pytest.raises(NegprefError, match=r"step 2 made the weights non-finite.*checkpoint-1"):
         run(UnlearnConfig(**base, output_dir=str(out)))
-    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000001"]
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-1"]
     assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(out)) is None
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_clear_error(setup, tmp_path, monkeypatch):
-    from accelerate import Accelerator
+    from transformers import Trainer
 
     _, base = setup
     out = tmp_path / "run"
-    real_save = Accelerator.save_state
+    real_save = Trainer._save_optimizer_and_scheduler
     calls = []
 
-    def save_state(self, output_dir, **kwargs):
+    def save_optimizer(self, output_dir):
         calls.append(output_dir)
-        if len(calls) == 2:
-            Path(output_dir, "model.safetensors").write_bytes(b"partial")
+        if len(calls) == 2:  # the weights are written, the optimizer state fills the disk
+            Path(output_dir, "optimizer.pt").write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, output_dir, **kwargs)
+        return real_save(self, output_dir)
 
-    monkeypatch.setattr(Accelerator, "save_state", save_state)
-    with pytest.raises(NegprefError, match=r"step 2 could not be written.*No space left.*--resume"):
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save_optimizer)
+    with pytest.raises(
+        NegprefError,
+        match=r"step 2 could not be written.*No space left.*checkpoint-1.*--resume",
+    ):
         run(UnlearnConfig(**base, output_dir=str(out)))
-    root = ckpt.checkpoints_root(out)
-    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no .partial left
+    left = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert left == ["checkpoint-1"]  # the partial checkpoint-2 is removed
 
 
-def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
-    from accelerate import Accelerator
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed_from(setup, tmp_path):
+    from safetensors.torch import save_file
 
-    model = torch.nn.Linear(2, 2)
-    with torch.no_grad():
-        model.weight[0, 0] = float("nan")
-    with pytest.raises(NegprefError, match=r"not finite.*weight"):
-        ckpt.save_checkpoint(Accelerator(cpu=True), model, tmp_path, 1, {"step": 1})
-    assert ckpt.latest_checkpoint(tmp_path) is None
+    root, _ = setup
+    out = tmp_path / "run"
+    config = interrupted(setup, out)
+    model_file = ckpt.latest_checkpoint(out) / "model.safetensors"
+    tensors = load_file(model_file)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(model_file), metadata={"format": "pt"})
+    assert f"tensor {name} is not finite" in ckpt.verify_checkpoint(model_file.parent)
+    result = run(UnlearnConfig(**{**config, "resume": True}))
+    assert result.summary["resumed_from_step"] == 1
+    assert any("not finite" in w for w in result.summary["warnings"])
+    assert_same_weights(out, root / "straight")
 
 
 # --- negpref align ---------------------------------------------------------------------------

@@ -97,9 +97,10 @@ def test_cli_run_writes_a_complete_run_directory(files, tmp_path, capsys):
         "evals.jsonl",
         "summary.json",
         "model",
-        "checkpoints",
+        "checkpoint-2",
         "reference_logps.safetensors",
     } <= names
+    assert latest_checkpoint(out) == out / "checkpoint-2"  # the last step's, marked complete
     assert not [n for n in names if n.startswith(".")]  # no staging leftovers
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     # The saved config replays the run.
@@ -135,8 +136,9 @@ def test_cli_lora_merge(files, tmp_path, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "model" / "model.safetensors").is_file()
     ckpt = latest_checkpoint(out)
-    stored = load_file(ckpt / "model.safetensors")
+    stored = load_file(ckpt / "adapter_model.safetensors")
     assert stored and all("lora_" in k for k in stored)  # frozen base not duplicated
+    assert not (ckpt / "model.safetensors").exists()
 
 
 def test_bad_data_files(files, tmp_path, capsys):
@@ -152,8 +154,8 @@ def test_bad_data_files(files, tmp_path, capsys):
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
     fails(args(files, out, "--forget", str(no_answer)), capsys, "no_answer.jsonl:2", "answer")
-    fails(args(files, out, "--method", "DPO"), capsys, "--idk")
-    fails(args(files, out, "--method", "NPO+RT"), capsys, "--retain")
+    fails(args(files, out, "--method", "DPO"), capsys, "idk: ")
+    fails(args(files, out, "--method", "NPO+RT"), capsys, "retain: ")
     fails(
         args(files, out, "--method", "NPO+RT", "--retain", str(no_answer)),
         capsys,
@@ -180,7 +182,7 @@ def test_bad_model_and_options(files, tmp_path, capsys):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     fails(args(files, out, "--model", str(pickled)), capsys, "pickle", "--allow-pickle")
     fails(args(files, out, "--method", "XYZ"), capsys, "unknown preset 'XYZ'", "NPO+RT")
-    fails(args(files, out, "--learning-rate", "-1"), capsys, "--learning-rate")
+    fails(args(files, out, "--learning-rate", "-1"), capsys, "learning_rate: ")
     with pytest.raises(SystemExit) as exit_info:
         main(args(files, out, "--no-such-option", "1"))
     assert exit_info.value.code == 2
@@ -263,10 +265,10 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(files, tmp_path, records, mo
     )
     model = AutoModelForCausalLM.from_pretrained(files["model"])
     tok = AutoTokenizer.from_pretrained(files["model"])
-    with pytest.raises(NegprefError, match=r"non-finite loss.* at step 3 .*step-000002"):
+    with pytest.raises(NegprefError, match=r"non-finite loss.* at step 3 .*checkpoint-2"):
         run(cfg, model=model, tokenizer=tok, forget_records=records[0])
     good = latest_checkpoint(out)
-    assert good.name == "step-000002" and read_state(good)["step"] == 2
+    assert good.name == "checkpoint-2" and read_state(good)["step"] == 2
     weights = load_file(good / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -277,7 +279,12 @@ def test_nan_mid_run_keeps_the_last_good_checkpoint(files, tmp_path, records, mo
 def test_resume_refuses_other_settings(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(files, out)) == 0
-    fails(args(files, out, "--resume", "--learning-rate", "1e-4"), capsys, "other settings", "lr")
+    fails(
+        args(files, out, "--resume", "--learning-rate", "1e-4"),
+        capsys,
+        "other settings",
+        "learning_rate (0.001 -> 0.0001)",
+    )
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -323,3 +330,46 @@ def test_bench_step_cost_reports_every_mode(capsys):
     model_mb = (256 * 64 + 64 * 64 * 4 + 3 * 64 * 256 + 3 * 64) * 4 / 2**20
     assert peak["npo_live"] - peak["ga"] >= 0.9 * model_mb
     assert peak["npo_live_lora"] - peak["ga_lora"] < 0.5 * model_mb
+
+
+def metrics_of(out):
+    """metrics.jsonl without its wall-clock figures (step_s, tokens_per_s)."""
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in ln.items() if k not in ("step_s", "tokens_per_s")} for ln in lines]
+
+
+def test_yaml_config_with_relative_paths_and_its_saved_config_replay(
+    files, tmp_path, capsys, monkeypatch
+):
+    # "1e-5" without a dot is a string to YAML 1.1; the field's type makes it a float.
+    (files["root"] / "run.yaml").write_text(
+        "model: model\nforget: forget.jsonl\nretain: retain.jsonl\nmethod: NPO+RT\n"
+        "learning_rate: 1e-5\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 1\n"
+        "num_train_epochs: 1\nwarmup_epochs: 0\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the paths resolve against the YAML file, not here
+    out = tmp_path / "first"
+    config = str(files["root"] / "run.yaml")
+    assert main(["unlearn", "--config", config, "--output-dir", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["learning_rate"] == 1e-5
+    assert (saved["model"], saved["forget"]) == (str(files["model"]), str(files["forget"]))
+    lines = metrics_of(out)
+    assert [ln["step"] for ln in lines] == [1, 2] and lines[0]["learning_rate"] == 1e-5
+    other = tmp_path / "replay"
+    assert main(["unlearn", "--config", str(out / "config.yaml"), "--output-dir", str(other)]) == 0
+    # Same settings, seed and data order on the same machine: the same numbers, bit for bit.
+    assert metrics_of(other) == lines
+    assert yaml.safe_load((other / "config.yaml").read_text()) == {
+        **saved,
+        "output_dir": str(other),
+    }
+
+
+def test_unlearn_help_renders(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--learning-rate", "--num-train-epochs", "--output-dir", "--out", "--forget"):
+        assert flag in text, flag

@@ -26,19 +26,19 @@ def test_two_processes_match_one(tmp_path):
         forget=str(tmp_path / "forget.jsonl"),
         retain=str(tmp_path / "retain.jsonl"),
         method="NPO+RT",
-        batch_size=2,
-        epochs=2,
-        lr=3e-3,
-        warmup=0.5,
-        cpu=True,
-        save_every=-1,
+        per_device_train_batch_size=2,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        warmup_epochs=0.5,
+        use_cpu=True,
+        save_strategy="no",
     )
     # Effective batch 4 either way: 1 process x 2 micro-batches, or 2 processes x 1.
     single = run(
         UnlearnConfig(**common, gradient_accumulation_steps=2, output_dir=str(tmp_path / "one"))
     )
 
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "cpu"]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "use_cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [
@@ -52,7 +52,7 @@ def test_two_processes_match_one(tmp_path):
             "unlearn",
             "--use-cpu",
             *flags,
-            "--grad-accum=1",
+            "--gradient-accumulation-steps=1",
             f"--out={tmp_path / 'two'}",
             "--json",
         ],
@@ -71,7 +71,14 @@ def test_two_processes_match_one(tmp_path):
     # a sum of two gradients is the same in either order. Measured: 0 difference over the 24
     # metrics and 20 weight tensors (was rel=1e-5, abs=1e-6).
     for a, b in zip(single.metrics, two, strict=True):
-        for key in ("loss", "loss/forget", "nll/retain", "npo/weight", "grad_norm", "lr"):
+        for key in (
+            "loss",
+            "loss/forget",
+            "nll/retain",
+            "npo/weight",
+            "grad_norm",
+            "learning_rate",
+        ):
             assert b[key] == a[key], (a["step"], key)
     weights = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for name, value in single.model.state_dict().items():

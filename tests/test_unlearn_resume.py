@@ -70,12 +70,13 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path, variant):
         forget=str(root / "forget.jsonl"),
         retain=str(root / "retain.jsonl"),
         method="NPO+RT",
-        batch_size=2,
-        grad_accum=2,
-        epochs=5,
-        warmup=1,
-        lr=3e-3,
-        save_every=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_train_epochs=5,
+        warmup_epochs=1,
+        learning_rate=3e-3,
+        save_strategy="steps",
+        save_steps=2,
         seed=3,
     )
     if variant == "lora":
@@ -83,14 +84,14 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path, variant):
     # 8 items x 5 epochs / effective batch 4 = 10 steps.
     run(UnlearnConfig(**config, output_dir=str(tmp_path / "straight")))
 
-    killed = {**config, "out": str(tmp_path / "killed")}
+    killed = {**config, "output_dir": str(tmp_path / "killed")}
     proc = launch(root, killed, 0.4)
     out = tmp_path / "killed"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ckpt = latest_checkpoint(out)
         done = len(losses(out)) if (out / "metrics.jsonl").exists() else 0
-        if ckpt is not None and ckpt.name == "step-000004" and done >= 5:
+        if ckpt is not None and ckpt.name == "checkpoint-4" and done >= 5:
             break
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.02)
@@ -98,7 +99,7 @@ def test_resume_after_sigkill_is_bitwise_identical(setup, tmp_path, variant):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model").exists() and not (out / "summary.json").exists()
-    assert latest_checkpoint(out).name in ("step-000004", "step-000006")
+    assert latest_checkpoint(out).name in ("checkpoint-4", "checkpoint-6")
 
     run(UnlearnConfig(**killed, resume=True))
     summary = json.loads((out / "summary.json").read_text())

@@ -35,6 +35,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0], True
+        return tp, len(args) < len(get_args(tp))  # e.g. dict | str | None: None allowed
     return tp, False
 
 

@@ -196,23 +196,39 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     return model, tokenizer
 
 
+def _dequantised_gguf(model) -> bool:
+    """Whether ``model`` was loaded from GGUF (dequantised: ordinary tensors, GGUF marks kept);
+    packed GGUF weights, which cannot be saved or trained, are refused."""
+    config = getattr(model, "config", None)
+    method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        return False
+    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
+        raise NegprefError(
+            "the model holds packed GGUF weights, which cannot be saved or trained; load it "
+            "dequantised (without the `kernels` package)"
+        )
+    return True
+
+
+def as_trainable(model):
+    """``model``, with the GGUF marks of a dequantised GGUF model removed: transformers'
+    Trainer refuses to train a model that says it is GGUF-quantised, though its tensors are
+    ordinary ones. Any other model is returned as it is."""
+    if _dequantised_gguf(model):
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
+
+
 @contextlib.contextmanager
 def _as_plain_model(model):
     """A model loaded from GGUF and dequantised on load holds ordinary tensors, but keeps the
     GGUF quantizer that makes ``save_pretrained`` refuse it; detach it while saving, so the
     folder loads as a plain (safetensors) model."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    config = getattr(model, "config", None)
-    method = getattr(getattr(config, "quantization_config", None), "quant_method", None)
-    is_gguf = getattr(method, "value", method) == "gguf"
-    if not is_gguf:
+    if not _dequantised_gguf(model):
         yield model
         return
-    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
-        raise NegprefError(
-            "the model holds packed GGUF weights, which cannot be saved; load it dequantised "
-            "(without the `kernels` package) to save it"
-        )
+    quantizer, config = model.hf_quantizer, model.config
     saved_config = config.__dict__.pop("quantization_config")
     model.hf_quantizer = None
     try:

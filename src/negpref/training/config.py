@@ -11,6 +11,7 @@ resumable, pickle-free negpref run needs. ``UnlearnConfig`` and ``AlignConfig`` 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -137,7 +138,12 @@ class NegprefTrainingArguments(TrainingArguments):
     def _check_shared(self) -> None:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        require(
+            0 < self.learning_rate < math.inf,
+            "learning_rate",
+            self.learning_rate,
+            "must be > 0 and finite",
+        )
         for name in ("weight_decay", "max_grad_norm", "lora_dropout"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")

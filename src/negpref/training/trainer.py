@@ -49,11 +49,14 @@ class NonFiniteStep(NegprefError):
     """A step whose loss, gradient or resulting weights are not finite.
 
     ``applied`` says whether the optimizer had stepped (the weights in memory are then bad);
-    ``step`` is the 1-based optimizer step.
+    ``step`` is the 1-based optimizer step; ``metrics`` its figures (for the run's log).
     """
 
-    def __init__(self, step: int, applied: bool, values: dict[str, float]):
+    def __init__(
+        self, step: int, applied: bool, values: dict[str, float], metrics: dict | None = None
+    ):
         self.step, self.applied, self.values = step, applied, values
+        self.metrics = metrics or {}
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         if applied:
             what = f"step {step} made the weights non-finite ({shown})"
@@ -254,14 +257,23 @@ class _FiniteGuard(TrainerCallback):
                 bad["loss"] = float("nan")
             if not grads_ok:
                 bad["grad_norm"] = float("nan")
-            trainer._step_metrics.clear()
-            raise NonFiniteStep(state.global_step + 1, applied=False, values=bad or {"loss": 0})
+            raise NonFiniteStep(
+                state.global_step + 1,
+                applied=False,
+                values=bad or {"loss": 0},
+                metrics=trainer._reduced_step_metrics(),
+            )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         ok = all(torch.isfinite(p).all() for p in self._trainable())
         if not self._all_processes(bool(ok)):
             lr = self.trainer.lr_scheduler.get_last_lr()[0]
-            raise NonFiniteStep(state.global_step + 1, applied=True, values={"lr": lr})
+            raise NonFiniteStep(
+                state.global_step + 1,
+                applied=True,
+                values={"lr": lr},
+                metrics=self.trainer._reduced_step_metrics(),
+            )
 
 
 def _format_eta(seconds: float) -> str:

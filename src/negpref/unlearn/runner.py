@@ -2,10 +2,10 @@
 
 Reads top to bottom: inputs are checked before anything is written; the run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step), ``evals.jsonl`` (callback
-results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoints/``,
-the final model (``model/``; with LoRA ``adapter/`` and, with ``merge``, ``model/``; a LoRA
-run from a GGUF file also ``base_model/``, which the adapter names as its base) and
-``summary.json``.
+results), ``reference_logps.safetensors`` (the precomputed reference), ``checkpoint-N/`` (the
+newest ``save_total_limit``), the final model (``model/``; with LoRA ``adapter/`` and, with
+``merge``, ``model/``; a LoRA run from a GGUF file also ``base_model/``, which the adapter
+names as its base) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -399,7 +399,7 @@ def _train(config, objective, inputs, out, model, tokenizer, callbacks):
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except NonFiniteStep as e:
-        raise _non_finite_error(trainer, e, out, config) from None
+        raise _non_finite_error(trainer, run_log, e, out, config) from None
     train_s = time.perf_counter() - train_start
 
     model, written = _save_final(trainer, tokenizer, out, Path(config.output_dir), config)
@@ -453,10 +453,13 @@ def _peak_summary(peak: dict | None, out: Path) -> dict | None:
     }
 
 
-def _non_finite_error(trainer, error: NonFiniteStep, out: Path, config):
+def _non_finite_error(trainer, run_log: RunLog, error: NonFiniteStep, out: Path, config):
     """Stop at a non-finite step, naming the newest checkpoint whose weights are finite."""
     good = ckpt.latest_checkpoint(out)
     step = error.step
+    # The failed step's figures (a NaN loss, ...) are the last metrics.jsonl line: the diagnosis.
+    figures = {k: v for k, v in error.metrics.items() if k != "tokens"}
+    run_log.step({"step": step, **figures})
     if (
         not error.applied
         and config.save_strategy != "no"

@@ -25,6 +25,7 @@ import torch
 from negpref import losses
 from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, sequence_logps
+from negpref.models import as_trainable
 from negpref.training.run_log import eval_mode
 from negpref.training.trainer import NegprefTrainer, plan_steps
 from negpref.unlearn.config import UnlearnConfig
@@ -176,6 +177,7 @@ class UnlearnTrainer(NegprefTrainer):
                 args.prompt_format(),
             )
         self.data = data
+        model = as_trainable(model)  # a model dequantised from GGUF trains as a plain one
         if args.lora and not hasattr(model, "peft_config"):
             model = add_lora(model, args)
         check_model_settings(model, args, objective)
