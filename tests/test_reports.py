@@ -20,7 +20,8 @@ from negpref.align.run import write_report
 from negpref.align.trainer import History
 from negpref.cli import main
 from negpref.report import Section, write_html_report
-from negpref.u2a_report import ablation_report, run_sections
+from negpref.studies.u2a_toy import ablation_report
+from negpref.u2a.report import run_sections
 
 matplotlib.use("Agg")
 
@@ -108,7 +109,7 @@ def test_u2a_run_and_ablation_reports(tmp_path):
         "all_negatives": stat(0.35),
         "n_candidates": 30,
         "objective": "reward",
-        "loss": "ga",
+        "loss": "GA",
         "inner_steps": 10,
         "seeds": [0],
         "gain_concentration": {"top 10%": 0.4},
