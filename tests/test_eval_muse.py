@@ -315,6 +315,6 @@ def test_cli_model_attacks_without_nonmembers_are_refused(tmp_path, capsys):
     argv += [str(tmp_path / "o"), "--forget-text", str(paths["forget_text"]), "--mia-gradnorm"]
     assert main(argv) == 2
     assert (
-        "--mia-gradnorm: membership inference needs non-members; give --holdout-text"
+        "mia_gradnorm: membership inference needs non-members; give holdout_text"
         in (capsys.readouterr().err.strip().splitlines()[-1])
     )
