@@ -289,3 +289,21 @@ def test_token_logps_matches_log_softmax(problem):
     lp = token_logps(problem.model, torch.tensor([0, 3]), torch.tensor([1, 7]))
     table = problem.base_logits.log_softmax(-1)
     torch.testing.assert_close(lp.detach(), torch.stack([table[0, 1], table[3, 7]]))
+
+
+@pytest.mark.parametrize(
+    "first", ["types", "implicit", "config", "algorithm", "objectives", "report", "job"]
+)
+def test_each_u2a_module_imports_first_in_a_fresh_process(first):
+    """No import cycle: any module of ``negpref.u2a`` can be the first one imported; and the
+    library never imports the paper reproductions in ``negpref.studies``."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, negpref.u2a.{first}, negpref.u2a, negpref.eval; "
+        "studies = sorted(m for m in sys.modules if m.startswith('negpref.studies')); "
+        "assert not studies, studies"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -79,7 +79,7 @@ def _run_args(files, out, *extra):
 
 def test_u2a_run_writes_selection_log_model_and_report(files, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_run_args(files, out, "--json")) == 0
+    assert main(_run_args(files, out, "--json", "--loss", "ga")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["candidates"] == 12 and summary["selected"] == 8 and summary["rounds"] == 3
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
@@ -93,7 +93,8 @@ def test_u2a_run_writes_selection_log_model_and_report(files, tmp_path, capsys):
     assert (out / "model" / "adapter_model.safetensors").is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "http" not in html.split("<body>")[1]
-    assert json.loads((out / "config.json").read_text())["init_size"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_size"] == 4 and config["loss"] == "GA"  # the registry's spelling
 
 
 def test_u2a_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys):

@@ -92,6 +92,12 @@ def test_forget_losses_are_negpref_losses(model, tokenizer, forget01):
     )
     with pytest.raises(NegprefError, match="needs a retain set"):
         LMForgetTask(model, tokenizer, negatives, "GA+RT")
+    # the unlearning registry's names, in any case; U2A's old names and the methods without a
+    # per-sample form (KL terms, refusal answers) are refused with the list of names
+    assert LMForgetTask(model, tokenizer, negatives, "npo", max_length=128).method == "NPO"
+    for name in ("graddiff", "npo_rt", "NPO+KL", "IDK+RT"):
+        with pytest.raises(NegprefError, match=r"loss: must be one of GA, GA\+RT, NPO, NPO\+RT"):
+            LMForgetTask(model, tokenizer, negatives, name)
     retain = _negatives(forget01[10:], 4)
     gd = LMForgetTask(
         model, tokenizer, negatives, "GA+RT", max_length=128, retain=retain, batch_size=2
