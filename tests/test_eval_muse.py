@@ -225,7 +225,7 @@ def test_precut_verbmem_records_are_read_as_muse_cuts_them(memorised, tokenizer)
 def test_muse_sets_need_members():
     with pytest.raises(NegprefError, match="needs forget texts"):
         MuseSets.from_records(forget_qa=FORGET_QA)
-    with pytest.raises(NegprefError, match="give --forget-text"):
+    with pytest.raises(NegprefError, match="give forget_text"):
         MuseSets.from_records(
             holdout_text=[{"text": HOLDOUT[0]}], verbmem=[{"prompt": "a", "gt": "b"}]
         )
