@@ -334,7 +334,7 @@ def test_lora_target_modules_naming_no_module(files, tmp_path, capsys):
     argv = unlearn(files, out, "--lora", "--lora-target-modules", "q_proj", "qkv_typo")
     fails(argv, capsys, "lora_target_modules: ", "qkv_typo", "q_proj")  # lists real names
     assert not out.exists()
-    fails(u2a(files, out, "--lora-targets", "nope"), capsys, "--lora-targets", "nope")
+    fails(u2a(files, out, "--lora-target-modules", "nope"), capsys, "lora_target_modules", "nope")
     assert not out.exists()
 
 

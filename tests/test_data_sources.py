@@ -13,7 +13,7 @@ from negpref.data.preference import load_preferences
 from negpref.data.records import load_records
 from negpref.errors import NegprefError
 from negpref.models import build_tokenizer, save_model, tiny_llama
-from negpref.u2a_objectives import load_negatives
+from negpref.u2a import load_negatives
 from negpref.unlearn.dataset import load_qa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,7 +214,7 @@ def test_u2a_cli_reads_parquet_negatives_and_csv_preferences(model_dir, tmp_path
     argv = [
         "u2a", "--model", str(model_dir), "--forget", str(negatives), "--preference",
         str(preference), "--rounds", "1", "--init-size", "2", "--per-round", "1", "--delta",
-        "-1", "--inner-steps", "1", "--inner-lr", "1e-3", "--batch-size", "2", "--lora-r", "2",
+        "-1", "--inner-steps", "1", "--inner-learning-rate", "1e-3", "--batch-size", "2", "--lora-r", "2",
         "--out", str(out), "--json",
     ]  # fmt: skip
     assert main(argv) == 0

@@ -173,9 +173,9 @@ def test_open_unlearning_logs_missing_a_needed_metric_name_it(tmp_path):
     path = tmp_path / "TOFU_EVAL.json"
     path.write_text(json.dumps(ou_retain))
     with pytest.raises(NegprefError, match=r"lack forget_Q_A_PARA_Prob .* truth ratio"):
-        load_logs(path, "--retain-logs")
+        load_logs(path, "retain_logs")
 
 
 def test_write_logs_refuses_an_unknown_format(tmp_path):
-    with pytest.raises(NegprefError, match="--log-format"):
+    with pytest.raises(NegprefError, match="log_format"):
         write_logs(tmp_path, load_logs(RETAIN90_LOGS), {}, "csv")

@@ -225,7 +225,7 @@ def test_precut_verbmem_records_are_read_as_muse_cuts_them(memorised, tokenizer)
 def test_muse_sets_need_members():
     with pytest.raises(NegprefError, match="needs forget texts"):
         MuseSets.from_records(forget_qa=FORGET_QA)
-    with pytest.raises(NegprefError, match="give --forget-text"):
+    with pytest.raises(NegprefError, match="give forget_text"):
         MuseSets.from_records(
             holdout_text=[{"text": HOLDOUT[0]}], verbmem=[{"prompt": "a", "gt": "b"}]
         )
@@ -315,6 +315,6 @@ def test_cli_model_attacks_without_nonmembers_are_refused(tmp_path, capsys):
     argv += [str(tmp_path / "o"), "--forget-text", str(paths["forget_text"]), "--mia-gradnorm"]
     assert main(argv) == 2
     assert (
-        "--mia-gradnorm: membership inference needs non-members; give --holdout-text"
+        "mia_gradnorm: membership inference needs non-members; give holdout_text"
         in (capsys.readouterr().err.strip().splitlines()[-1])
     )

@@ -207,7 +207,7 @@ def test_missing_files_and_bad_split(tmp_path, monkeypatch):
         load_tofu_sets(TOFU_DIR, "forget_10")
     monkeypatch.delenv("NEGPREF_TOFU_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NegprefError, match="pass --data-dir"):
+    with pytest.raises(NegprefError, match="set data_dir"):
         load_tofu_sets(None, "forget10")
     monkeypatch.setenv("NEGPREF_TOFU_DIR", str(TOFU_DIR))
     assert len(load_tofu_sets(None, "forget01").forget) == 40

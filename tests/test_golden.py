@@ -141,7 +141,7 @@ def run_align(tmp: Path, inputs: Path, **s) -> list[dict]:
 def u2a_selection(**s) -> dict:
     """U2A on the synthetic softmax problem at its default settings (``seed``): selection,
     weights, stop reason and the objective values."""
-    from negpref.u2a_synthetic import evaluate
+    from negpref.studies.u2a_synthetic import evaluate
 
     result = evaluate(seed=s["seed"])
     keys = (

@@ -19,8 +19,9 @@ from negpref.align.config import AlignConfig
 from negpref.align.run import write_report
 from negpref.cli import main
 from negpref.report import Section, write_html_report
+from negpref.studies.u2a_toy import ablation_report
 from negpref.training.run_log import RunLog
-from negpref.u2a_report import ablation_report, run_sections
+from negpref.u2a.report import run_sections
 
 matplotlib.use("Agg")
 
@@ -108,7 +109,7 @@ def test_u2a_run_and_ablation_reports(tmp_path):
         "all_negatives": stat(0.35),
         "n_candidates": 30,
         "objective": "reward",
-        "loss": "ga",
+        "loss": "GA",
         "inner_steps": 10,
         "seeds": [0],
         "gain_concentration": {"top 10%": 0.4},

@@ -8,6 +8,7 @@ import torch
 
 from conftest import rounding_bound
 from negpref.errors import NegprefError
+from negpref.studies.u2a_synthetic import default_config, evaluate, make_problem, token_logps
 from negpref.u2a import (
     FunctionObjective,
     U2AConfig,
@@ -23,7 +24,6 @@ from negpref.u2a import (
     update_weights,
     weighted_unlearn,
 )
-from negpref.u2a_synthetic import default_config, evaluate, make_problem, token_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +228,7 @@ def test_top_new_ranks_outside_the_support():
 
 
 def test_weighted_unlearn_full_batch_step_is_the_weighted_gradient(problem):
-    cfg = U2AConfig(inner_optimizer="sgd", inner_lr=0.1, reg_lambda=1.0, batch_size=8)
+    cfg = U2AConfig(inner_optimizer="sgd", inner_learning_rate=0.1, reg_lambda=1.0, batch_size=8)
     support, weights = [0, 1, 2], torch.tensor([0.6, 0.3, 0.1]).double()
     theta0 = [problem.base_logits.clone()]
     grads = []
@@ -289,3 +289,21 @@ def test_token_logps_matches_log_softmax(problem):
     lp = token_logps(problem.model, torch.tensor([0, 3]), torch.tensor([1, 7]))
     table = problem.base_logits.log_softmax(-1)
     torch.testing.assert_close(lp.detach(), torch.stack([table[0, 1], table[3, 7]]))
+
+
+@pytest.mark.parametrize(
+    "first", ["types", "implicit", "config", "algorithm", "objectives", "report", "job"]
+)
+def test_each_u2a_module_imports_first_in_a_fresh_process(first):
+    """No import cycle: any module of ``negpref.u2a`` can be the first one imported; and the
+    library never imports the paper reproductions in ``negpref.studies``."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, negpref.u2a.{first}, negpref.u2a, negpref.eval; "
+        "studies = sorted(m for m in sys.modules if m.startswith('negpref.studies')); "
+        "assert not studies, studies"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -65,7 +65,7 @@ def _run_args(files, out, *extra):
         "-1",
         "--inner-steps",
         "2",
-        "--inner-lr",
+        "--inner-learning-rate",
         "1e-3",
         "--batch-size",
         "4",
@@ -79,7 +79,7 @@ def _run_args(files, out, *extra):
 
 def test_u2a_run_writes_selection_log_model_and_report(files, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_run_args(files, out, "--json")) == 0
+    assert main(_run_args(files, out, "--json", "--loss", "ga")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["candidates"] == 12 and summary["selected"] == 8 and summary["rounds"] == 3
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
@@ -93,7 +93,8 @@ def test_u2a_run_writes_selection_log_model_and_report(files, tmp_path, capsys):
     assert (out / "model" / "adapter_model.safetensors").is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "http" not in html.split("<body>")[1]
-    assert json.loads((out / "config.json").read_text())["init_size"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_size"] == 4 and config["loss"] == "GA"  # the registry's spelling
 
 
 def test_u2a_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_u2a_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (taken / "keep.txt").exists()
 
     assert main(["u2a", "--forget", str(files / "negatives.jsonl"), "--out", str(out)]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "model: give model or gguf" in capsys.readouterr().err
 
     # a reward that is equal for every sample gives a zero gradient estimate: refused
     reward_args = _run_args(
@@ -137,7 +138,7 @@ def test_u2a_bad_inputs_exit_2_and_write_nothing(files, tmp_path, capsys):
     big[big.index("--rounds") + 1] = "1"
     assert main(big) == 0
     err = capsys.readouterr().err
-    assert "warning: --init-size 50 is larger than the candidate set (12); using 12" in err
+    assert "warning: init_size 50 is larger than the candidate set (12); using 12" in err
     assert (tmp_path / "big" / "model" / "model.safetensors").is_file()
 
 
@@ -219,7 +220,7 @@ def test_u2a_resumes_after_its_last_saved_round(files, tmp_path, capsys, monkeyp
     import torch
     from safetensors.torch import load_file
 
-    import negpref.u2a as u2a
+    import negpref.u2a.algorithm as u2a
 
     assert main(_run_args(files, tmp_path / "straight")) == 0
     real_inner = u2a.weighted_unlearn

@@ -13,7 +13,7 @@ from negpref.errors import NegprefError
 from negpref.logprobs import sequence_logps
 from negpref.models import build_tokenizer, tiny_llama
 from negpref.u2a import U2AConfig, per_sample_grads, run_u2a, trainable
-from negpref.u2a_objectives import (
+from negpref.u2a.objectives import (
     LMForgetTask,
     NegDPOObjective,
     RewardModelScorer,
@@ -80,8 +80,8 @@ def test_load_negatives_accepts_three_schemas(tmp_path):
 
 def test_forget_losses_are_negpref_losses(model, tokenizer, forget01):
     negatives = _negatives(forget01)
-    ga = LMForgetTask(model, tokenizer, negatives, "ga", max_length=128)
-    npo = LMForgetTask(model, tokenizer, negatives, "npo", npo_beta=0.5, max_length=128)
+    ga = LMForgetTask(model, tokenizer, negatives, "GA", max_length=128)
+    npo = LMForgetTask(model, tokenizer, negatives, "NPO", npo_beta=0.5, max_length=128)
     batch = ga.batch([0, 2, 5])
     logps = sequence_logps(model, batch).logps
     weights = torch.tensor([0.2, 0.3, 0.5])
@@ -91,10 +91,16 @@ def test_forget_losses_are_negpref_losses(model, tokenizer, forget01):
         4 * torch.log(torch.tensor(2.0)).item()
     )
     with pytest.raises(NegprefError, match="needs a retain set"):
-        LMForgetTask(model, tokenizer, negatives, "graddiff")
+        LMForgetTask(model, tokenizer, negatives, "GA+RT")
+    # the unlearning registry's names, in any case; U2A's old names and the methods without a
+    # per-sample form (KL terms, refusal answers) are refused with the list of names
+    assert LMForgetTask(model, tokenizer, negatives, "npo", max_length=128).method == "NPO"
+    for name in ("graddiff", "npo_rt", "NPO+KL", "IDK+RT"):
+        with pytest.raises(NegprefError, match=r"loss: must be one of GA, GA\+RT, NPO, NPO\+RT"):
+            LMForgetTask(model, tokenizer, negatives, name)
     retain = _negatives(forget01[10:], 4)
     gd = LMForgetTask(
-        model, tokenizer, negatives, "graddiff", max_length=128, retain=retain, batch_size=2
+        model, tokenizer, negatives, "GA+RT", max_length=128, retain=retain, batch_size=2
     )
     out = sequence_logps(
         model,
@@ -115,7 +121,7 @@ def test_lm_per_sample_grads_vmap_equals_loop_with_lora(model, tokenizer, forget
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    for loss in ("ga", "npo"):
+    for loss in ("GA", "NPO"):
         task = LMForgetTask(lora, tokenizer, _negatives(forget01, 5), loss, max_length=128)
         fast = per_sample_grads(lora, task, [4, 0, 2], vectorized=True)
         slow = per_sample_grads(lora, task, [4, 0, 2], vectorized=False)
@@ -251,7 +257,7 @@ def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01
     )
     frozen = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
     task = LMForgetTask(
-        lora, tokenizer, _negatives(forget01, 10), "npo", max_length=128, batch_size=4
+        lora, tokenizer, _negatives(forget01, 10), "NPO", max_length=128, batch_size=4
     )
     pairs = [
         {"prompt": r["question"], "chosen": r["answer"], "rejected": forget01[-1 - i]["answer"]}
@@ -266,7 +272,7 @@ def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01
         hessian="cg",
         cg_iters=3,
         inner_steps=3,
-        inner_lr=1e-2,
+        inner_learning_rate=1e-2,
         batch_size=4,
         grad_chunk=4,
     )

@@ -1,6 +1,6 @@
 """U2A vs plain unlearning of all negatives: wall time on the same number of inner steps.
 
-Both run on the toy keyword task (``negpref.u2a_toy``: a tiny Llama, 64 candidate negatives)
+Both run on the toy keyword task (``negpref.studies.u2a_toy``: a tiny Llama, 64 candidate negatives)
 in one process. U2A runs exactly ``--rounds`` rounds (no early stop), so its inner budget is
 ``rounds * inner_steps``; plain unlearning takes that many steps on all negatives with the same
 minibatch size. Also timed: per-sample gradients vectorised (vmap) vs one backward per sample.
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from negpref.u2a import implicit_gains, run_u2a, trainable, weighted_unlearn
+from negpref.u2a import LMForgetTask, implicit_gains, run_u2a, trainable, weighted_unlearn
 
 
 def add_arguments(parser) -> None:
@@ -29,8 +29,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
-    from negpref.u2a_objectives import LMForgetTask
-    from negpref.u2a_toy import MAX_LENGTH, ablation_config, make_task, objective_for, pretrain
+    from negpref.studies.u2a_toy import (
+        MAX_LENGTH,
+        ablation_config,
+        make_task,
+        objective_for,
+        pretrain,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,7 +44,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = pretrain(task, seed=args.seed, steps=args.pretrain_steps)
     pretrain_s = time.perf_counter() - t0
-    forget = LMForgetTask(model, tokenizer, task.negatives, "ga", max_length=MAX_LENGTH)
+    forget = LMForgetTask(model, tokenizer, task.negatives, "GA", max_length=MAX_LENGTH)
     cfg = dataclasses.replace(
         ablation_config(),
         rounds=args.rounds,

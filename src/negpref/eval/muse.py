@@ -82,12 +82,12 @@ class MuseSets:
     def __post_init__(self):
         if self.forget_text is None and self.verbmem is None:
             raise NegprefError(
-                "MUSE evaluation needs forget texts (--forget-text, records with 'text') or "
-                "pre-cut verbmem records (--verbmem, records with 'prompt' and 'gt')"
+                "MUSE evaluation needs forget texts (forget_text, records with 'text') or "
+                "pre-cut verbmem records (verbmem, records with 'prompt' and 'gt')"
             )
         if self.holdout_text is not None and self.forget_text is None:
             raise NegprefError(
-                "--holdout-text: PrivLeak compares it with the forget texts; give --forget-text"
+                "holdout_text: PrivLeak compares it with the forget texts; give forget_text"
             )
 
     @classmethod
@@ -148,15 +148,15 @@ def load_muse_sets(
     """Read MUSE-format files: text corpora (``text``), QA files (``question``, ``answer``) and
     MUSE's pre-cut verbmem files (``prompt``, ``gt``)."""
     given = dict(
-        forget_text=(forget_text, "--forget-text"),
-        holdout_text=(holdout_text, "--holdout-text"),
-        forget_qa=(forget_qa, "--qa"),
-        retain_qa=(retain_qa, "--retain-qa"),
-        verbmem=(verbmem, "--verbmem"),
+        forget_text=(forget_text, "forget_text"),
+        holdout_text=(holdout_text, "holdout_text"),
+        forget_qa=(forget_qa, "qa"),
+        retain_qa=(retain_qa, "retain_qa"),
+        verbmem=(verbmem, "verbmem"),
     )
     sets = {
-        name: _read(name, path, f"{flag} {path}", limit, seed)
-        for name, (path, flag) in given.items()
+        name: _read(name, path, f"{field_name} {path}", limit, seed)
+        for name, (path, field_name) in given.items()
         if path is not None
     }
     return MuseSets(**sets, sources={name: s.source for name, s in sets.items()})
@@ -236,7 +236,7 @@ def _verbmem_log(
     if not kept:
         raise NegprefError(
             f"{texts.source}: no item leaves a token to continue after its prefix "
-            f"(--prefix-tokens {prefix_tokens}); lower it"
+            f"(prefix_tokens {prefix_tokens}); lower it"
         )
     keys = [k for k, _ in kept]
     encoded = [item for _, item in kept]
@@ -386,7 +386,7 @@ def check_muse_logs(logs, where: str) -> dict:
     return logs
 
 
-def load_muse_logs(path: str | os.PathLike, what: str = "--retain-logs") -> dict:
+def load_muse_logs(path: str | os.PathLike, what: str = "retain_logs") -> dict:
     """Our MUSE logs from ``path`` (the file, or a folder holding ``muse_logs.json``)."""
     path = os.fspath(path)
     if os.path.isdir(path):

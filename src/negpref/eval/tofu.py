@@ -156,7 +156,7 @@ def resolve_tofu_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
-            raise NegprefError(f"--data-dir {data_dir}: no such directory")
+            raise NegprefError(f"data_dir {data_dir}: no such directory")
         return path
     env = os.environ.get(TOFU_DIR_ENV)
     if env:
@@ -166,15 +166,15 @@ def resolve_tofu_dir(data_dir: str | os.PathLike | None) -> Path:
     if DEFAULT_TOFU_DIR.is_dir():
         return DEFAULT_TOFU_DIR
     raise NegprefError(
-        f"no TOFU data: pass --data-dir DIR (a folder with forgetNN.json, forgetNN_perturbed.json, "
-        f"{RETAIN_PERTURBED}, ...), or set ${TOFU_DIR_ENV}"
+        f"no TOFU data: set data_dir to a folder with forgetNN.json, forgetNN_perturbed.json, "
+        f"{RETAIN_PERTURBED}, ..., or set ${TOFU_DIR_ENV}"
     )
 
 
 def _split_percent(split: str) -> int:
     match = re.fullmatch(r"forget(\d{2})", split)
     if not match:
-        raise NegprefError(f"--split {split!r}: expected forgetNN, e.g. forget01, forget10")
+        raise NegprefError(f"split {split!r}: expected forgetNN, e.g. forget01, forget10")
     return int(match.group(1))
 
 
@@ -245,7 +245,7 @@ def load_tofu_sets(
 
     holdout_path = Path(holdout) if holdout is not None else root / f"holdout{percent:02d}.json"
     if holdout is not None and not holdout_path.is_file():
-        raise NegprefError(f"--holdout {holdout}: file not found")
+        raise NegprefError(f"holdout {holdout}: file not found")
     return TofuSets(
         split=split,
         forget=make_eval_set("forget", forget_records, str(forget_eval_path), limit, seed),

@@ -82,7 +82,7 @@ def _logs_file(path: Path, what: str) -> Path:
     return path
 
 
-def load_logs(path: str | os.PathLike, what: str = "--logs") -> dict[str, dict]:
+def load_logs(path: str | os.PathLike, what: str = "logs") -> dict[str, dict]:
     """Read logs in TOFU's format or open-unlearning's (``TOFU_EVAL.json``), detected from the
     content, as TOFU-format logs (``{eval file: {metric: {index: value}}}``), shape checked.
 
@@ -240,7 +240,7 @@ def _compare_forget_items(ours: dict, theirs: dict, what: str) -> None:
             f"{what} hold {len(theirs)} forget items but these logs hold {len(ours)} "
             f"({len(set(ours) ^ set(theirs))} indices differ): forget quality compares truth "
             "ratios of the same forget items; evaluate the retain model on the same split, "
-            "--limit and sampling"
+            "limit and sampling"
         )
 
     def differs(k: str) -> bool:
@@ -394,7 +394,7 @@ def write_logs(
         return [folder / TOFU_LOGS_FILE]
     if log_format != "open-unlearning":
         raise NegprefError(
-            f"--log-format: must be one of {', '.join(ou.FORMATS)}, got {log_format!r}"
+            f"log_format: must be one of {', '.join(ou.FORMATS)}, got {log_format!r}"
         )
     theirs = ou.to_open_unlearning(eval_files(logs), aggregates, EVAL_FILES, HOLDOUT_FILE)
     if META_KEY in logs:

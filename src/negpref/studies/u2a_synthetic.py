@@ -9,19 +9,24 @@ good (reward +1), half bad (reward -1). ``J(theta)`` is the policy's expected re
   its context, so ``J`` rises;
 - *harmful*: a good token reported as negative by mistake; unlearning it lowers ``J``.
 U2A should select the helpful ones and beat unlearning all negatives (and random subsets).
+``run_synthetic_study`` is ``negpref u2a synthetic``: the check per seed, JSON, figures, report.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from negpref import losses
+from negpref.config import config_to_dict, require
+from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
+from negpref.report import Section, write_html_report
 from negpref.threads import single_threaded
 from negpref.u2a import FunctionObjective, U2AConfig, run_u2a, weighted_unlearn
+from negpref.u2a.report import gains_figure, rounds_figure, settings_section
 
 
 class TablePolicy(torch.nn.Module):
@@ -42,7 +47,7 @@ def token_logps(model, contexts: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 class TokenForgetTask:
     """Negatives ``(context_i, token_i)``; ``l_i`` is GA (``log pi``) or NPO, per sample."""
 
-    def __init__(self, model, contexts, tokens, loss: str = "ga", npo_beta: float = 1.0):
+    def __init__(self, model, contexts, tokens, loss: str = "GA", npo_beta: float = 1.0):
         self.contexts, self.tokens, self.loss_name, self.npo_beta = contexts, tokens, loss, npo_beta
         with torch.no_grad():
             self.ref_logps = token_logps(model, contexts, tokens)
@@ -60,7 +65,7 @@ class TokenForgetTask:
 
     def loss(self, model, batch, weights=None):
         logps = token_logps(model, batch["contexts"], batch["tokens"])
-        if self.loss_name == "npo":
+        if self.loss_name == "NPO":
             return losses.npo(logps, batch["ref_logps"], self.npo_beta, weights)
         return losses.ga(logps, weights)
 
@@ -91,7 +96,7 @@ def make_problem(
     vocab: int = 8,
     n_helpful: int = 20,
     n_harmful: int = 20,
-    loss: str = "ga",
+    loss: str = "GA",
 ) -> SyntheticProblem:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(contexts, vocab, generator=gen, dtype=torch.float64)
@@ -125,7 +130,7 @@ def default_config() -> U2AConfig:
         md_step_size=1.0,
         md_steps=5,
         inner_steps=50,
-        inner_lr=0.2,
+        inner_learning_rate=0.2,
         inner_optimizer="sgd",
         batch_size=64,
         grad_chunk=64,
@@ -197,3 +202,70 @@ def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     pos, neg = scores[positive], scores[~positive]
     wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
     return float(wins.mean())
+
+
+SYNTHETIC_KEYS = (
+    "seed", "selected", "precision", "recall", "weight_on_helpful", "gain_auc", "J_base",
+    "J_u2a", "J_all", "J_random_mean", "J_random_max", "J_helpful_only", "inner_steps_budget",
+)  # fmt: skip
+
+
+def synthetic_report(results: list[dict], settings: dict) -> tuple[list[Section], dict[str, bytes]]:
+    """Sections and PNGs of ``negpref u2a synthetic`` (figures of the first seed)."""
+    first = results[0]
+    helpful = set(first["helpful"])
+    groups = {
+        "helpful (a bad token the policy likes)": sorted(helpful),
+        "harmful (a good token reported)": [
+            i for i in range(first["n_candidates"]) if i not in helpful
+        ],
+    }
+    figures = {
+        "gains.png": gains_figure(first["initial_gains"], groups),
+        "rounds.png": rounds_figure(first["log"]),
+    }
+    section = Section(
+        "U2A on a softmax policy with an exact objective",
+        [
+            f"{first['n_candidates']} candidates: {first['n_helpful']} helpful negatives (a bad "
+            "token the policy likes) and the rest harmful (a good token reported by mistake). "
+            "J = exact expected reward. Baselines unlearn all candidates, random subsets of "
+            "U2A's size, or exactly the helpful ones, with uniform weights and U2A's total number "
+            "of inner steps.",
+        ],
+        tables=[(list(SYNTHETIC_KEYS), [[r[k] for k in SYNTHETIC_KEYS] for r in results])],
+        figures=[
+            (figures["gains.png"], f"initial marginal gains (seed {first['seed']})"),
+            (figures["rounds.png"], f"objective per round (seed {first['seed']})"),
+        ],
+    )
+    return [section, settings_section(settings)], figures
+
+
+@dataclass
+class U2ASyntheticConfig:
+    """Settings of ``negpref u2a synthetic``."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "problem seeds"})
+    out: str = field(default="", metadata={"help": "output directory"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing out directory"})
+
+    def validate(self) -> None:
+        require(bool(self.out), "out", self.out, "give an output directory")
+        require(bool(self.seeds), "seeds", self.seeds, "give at least one seed")
+
+
+def run_synthetic_study(config: U2ASyntheticConfig) -> dict:
+    """``evaluate`` per seed; writes ``synthetic.json``, the figures and ``report.html`` to
+    ``config.out``; returns the summary (``SYNTHETIC_KEYS`` of every run)."""
+    config.validate()
+    check_out_dir(config.out, config.overwrite)  # before the work, not after it
+    results = [evaluate(seed) for seed in config.seeds]
+    settings = config_to_dict(default_config())
+    sections, figures = synthetic_report(results, settings)
+    with staged_out_dir(config.out, config.overwrite) as stage:
+        atomic_write_json(stage / "synthetic.json", {"runs": results, "config": settings})
+        for name, png in figures.items():
+            (stage / name).write_bytes(png)
+        write_html_report(stage / "report.html", "negpref u2a synthetic", sections)
+    return {"runs": [{k: r[k] for k in SYNTHETIC_KEYS} for r in results]}

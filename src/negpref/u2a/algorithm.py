@@ -15,8 +15,9 @@ sample ``i`` (GA, NPO, ... from ``negpref.losses``). By the implicit function th
 inner unlearning, top-N additions by marginal gain, exponentiated-gradient (mirror descent)
 steps on the simplex restricted to the support (eq. 12), and an early stop when ``g`` improves
 by less than ``delta``. The task (candidates + loss) and the objective ``J`` are small
-protocols, so the same loop runs a softmax policy with an exact ``J`` (``negpref.u2a_synthetic``) and a
-LoRA language model with a DPO- or reward-based ``J`` (``negpref.u2a_objectives``).
+protocols (``negpref.u2a.types``), so the same loop runs a softmax policy with an exact ``J``
+(``negpref.studies.u2a_synthetic``) and a LoRA language model with a DPO- or reward-based ``J``
+(``negpref.u2a.objectives``).
 """
 
 from __future__ import annotations
@@ -27,149 +28,23 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from negpref.config import require
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_json
-from negpref.u2a_implicit import (
-    Grads,
-    U2AWarning,
+from negpref.u2a.config import U2AConfig
+from negpref.u2a.implicit import (
     conjugate_gradient,
     dot,
     grads_of,
     implicit_gains,
     inner_hvp,
-    per_sample_grads,
     trainable,
 )
-
-__all__ = [
-    "AlignmentObjective",
-    "ForgetTask",
-    "FunctionObjective",
-    "Grads",
-    "U2AConfig",
-    "U2AResult",
-    "U2AWarning",
-    "conjugate_gradient",
-    "entropy",
-    "floor_weights",
-    "grads_of",
-    "implicit_gains",
-    "inner_hvp",
-    "inverse_hvp",
-    "mirror_descent_step",
-    "per_sample_grads",
-    "run_u2a",
-    "sparsity_gradient",
-    "top_new",
-    "trainable",
-    "update_weights",
-    "weighted_unlearn",
-]
-
-
-@dataclass
-class U2AConfig:
-    """Hyper-parameters of Algorithm 1 (paper defaults where the paper gives one)."""
-
-    rounds: int = field(default=10, metadata={"help": "T: maximum number of rounds"})
-    init_size: int = field(default=16, metadata={"help": "M: samples selected in round 1"})
-    per_round: int = field(default=8, metadata={"help": "N: samples added per later round"})
-    delta: float = field(
-        default=0.01,
-        metadata={"help": "early stop when g improves by no more than this (negative: never)"},
-    )
-    reg_lambda: float = field(
-        default=1.0, metadata={"help": "lambda of the inner regulariser lambda*||theta-theta0||^2"}
-    )
-    beta: float = field(default=0.5, metadata={"help": "weight of the sqrt sparsity term"})
-    md_step_size: float = field(
-        default=0.03, metadata={"help": "eta of the mirror-descent (eq. 12) weight update"}
-    )
-    md_steps: int = field(default=5, metadata={"help": "mirror-descent steps per round"})
-    hessian: str = field(
-        default="identity",
-        metadata={
-            "help": "H^-1: identity (paper's diagonal assumption) or cg",
-            "choices": ["identity", "cg"],
-        },
-    )
-    gamma: float = field(
-        default=1.0, metadata={"help": "diagonal assumption hess l_i = I/gamma (hessian=identity)"}
-    )
-    cg_iters: int = field(
-        default=10, metadata={"help": "conjugate-gradient iterations (hessian=cg)"}
-    )
-    inner_steps: int = field(
-        default=20, metadata={"help": "optimizer steps of the inner problem per round"}
-    )
-    inner_lr: float = field(default=1e-4, metadata={"help": "learning rate of the inner problem"})
-    inner_optimizer: str = field(
-        default="adamw",
-        metadata={"help": "optimizer of the inner problem", "choices": ["adamw", "sgd"]},
-    )
-    batch_size: int = field(default=8, metadata={"help": "samples per inner step / HVP chunk"})
-    grad_chunk: int = field(
-        default=16,
-        metadata={"help": "samples per vectorised per-sample-gradient call (memory bound)"},
-    )
-    min_weight: float = field(
-        default=1e-8, metadata={"help": "weights below this are floored and renormalised"}
-    )
-    seed: int = field(default=0, metadata={"help": "fixes the inner minibatch order"})
-
-    def validate(self) -> None:
-        for name in (
-            "rounds",
-            "init_size",
-            "per_round",
-            "md_steps",
-            "cg_iters",
-            "batch_size",
-            "grad_chunk",
-        ):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
-        require(self.inner_steps >= 0, "inner_steps", self.inner_steps, "must be >= 0")
-        require(math.isfinite(self.delta), "delta", self.delta, "must be finite")
-        require(self.beta >= 0, "beta", self.beta, "must be >= 0")
-        for name in ("reg_lambda", "md_step_size", "gamma", "inner_lr"):
-            require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
-        require(0 < self.min_weight < 1, "min_weight", self.min_weight, "must be in (0, 1)")
-        require(
-            self.hessian in ("identity", "cg"), "hessian", self.hessian, "must be identity or cg"
-        )
-        require(
-            self.inner_optimizer in ("adamw", "sgd"),
-            "inner_optimizer",
-            self.inner_optimizer,
-            "must be adamw or sgd",
-        )
-
-
-class ForgetTask(Protocol):
-    """The candidate negatives and the unlearning loss on them."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Tensors with one leading row per sample of ``indices``."""
-
-    def loss(self, model, batch: dict[str, torch.Tensor], weights=None) -> torch.Tensor:
-        """Scalar unlearning loss, reduced like ``negpref.losses`` (``sum(w*l)/sum(w)``)."""
-
-    def retain_loss(self, model, step: int) -> torch.Tensor | None:
-        """The retain term of GradDiff / NPO+RT (independent of the weights), or None."""
-
-
-class AlignmentObjective(Protocol):
-    def value_and_grad(self, model, params: list[torch.nn.Parameter]) -> tuple[float, Grads]:
-        """``J`` (higher is better) and ``grad J`` (an estimate where ``J`` is sampled)."""
+from negpref.u2a.types import AlignmentObjective, ForgetTask, Grads, U2AWarning
 
 
 @dataclass
@@ -219,7 +94,7 @@ def floor_weights(weights: torch.Tensor, min_weight: float) -> torch.Tensor:
     if bool(low.any()):
         warnings.warn(
             f"{int(low.sum())} of {len(weights)} weights underflowed below {min_weight:g}; "
-            "floored and renormalised (lower --md-step-size for a gentler update)",
+            "floored and renormalised (lower md_step_size for a gentler update)",
             U2AWarning,
             stacklevel=2,
         )
@@ -280,9 +155,9 @@ def weighted_unlearn(
     """
     params = list(trainable(model).values())
     if cfg.inner_optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=cfg.inner_learning_rate, weight_decay=0.0)
     else:
-        optimizer = torch.optim.SGD(params, lr=cfg.inner_lr)
+        optimizer = torch.optim.SGD(params, lr=cfg.inner_learning_rate)
     support = list(support)
     weights = weights.double()
     size = min(cfg.batch_size, len(support))
@@ -333,7 +208,7 @@ class _Accepted:
 def _clamped(value: int, n: int, name: str) -> int:
     if value > n:
         warnings.warn(
-            f"--{name.replace('_', '-')} {value} is larger than the candidate set ({n}); using {n}",
+            f"{name} {value} is larger than the candidate set ({n}); using {n}",
             U2AWarning,
             stacklevel=3,
         )
@@ -379,7 +254,7 @@ def _load_round(state_dir: Path) -> tuple[dict, dict] | None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # torn, truncated or foreign files: never resume from them
         raise NegprefError(
-            f"--resume: the saved U2A round in {state_dir} is unreadable ({e}); start a new run"
+            f"resume: the saved U2A round in {state_dir} is unreadable ({e}); start a new run"
         ) from None
     return tensors, state
 

@@ -7,6 +7,7 @@ on a corpus that mixes both kinds, plus the candidate negatives themselves. The 
 differ the way the paper's Figure 2 says negatives differ: *mostly-bad* responses (most
 keywords bad: unlearning them should raise the reward) and *mostly-good* responses flagged
 negative (one bad keyword among good ones: unlearning them suppresses good keywords too).
+``run_ablation_study`` is ``negpref u2a ablation``: the ablation, JSON, figures, report.
 """
 
 from __future__ import annotations
@@ -15,23 +16,31 @@ import dataclasses
 import random
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import matplotlib.pyplot as plt
 import torch
 
 from negpref import losses
+from negpref.config import config_to_dict, require
 from negpref.data import collate, encode_qa
+from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
 from negpref.logprobs import sequence_logps
 from negpref.models import build_tokenizer, tiny_llama
+from negpref.report import Section, write_html_report
 from negpref.u2a import (
+    LMForgetTask,
+    NegDPOObjective,
+    RewardObjective,
     U2AConfig,
     implicit_gains,
     inverse_hvp,
     run_u2a,
     trainable,
+    u2a_method,
     weighted_unlearn,
 )
-from negpref.u2a_objectives import LMForgetTask, NegDPOObjective, RewardObjective
+from negpref.u2a.report import gains_figure, png, settings_section
 
 GOOD = ("great", "kind", "helpful", "safe", "honest", "calm", "clear", "gentle")
 BAD = ("awful", "rude", "harmful", "toxic", "cruel", "nasty", "vile", "mean")
@@ -154,7 +163,7 @@ def ablation_config() -> U2AConfig:
         beta=0.05,
         reg_lambda=1.0,
         inner_steps=30,
-        inner_lr=1e-4,
+        inner_learning_rate=1e-4,
         batch_size=16,
         grad_chunk=32,
     )
@@ -184,13 +193,13 @@ def run_ablation(
     objective: str = "reward",
     cfg: U2AConfig | None = None,
     pretrain_steps: int = 300,
-    loss: str = "ga",
+    loss: str = "GA",
 ) -> dict:
     """Figure 4 at CPU scale: top-K by marginal gain vs random K, same unlearning budget.
 
     One base model; per seed the random subsets, the inner minibatch order and the evaluation
     samples change. Both strategies unlearn their K samples with uniform weights for
-    ``cfg.inner_steps`` steps with ``loss`` (GA or NPO); the score is the mean keyword reward
+    ``cfg.inner_steps`` steps with ``loss`` (GA or NPO, the registry's names); the score is the mean keyword reward
     of sampled responses (and the fraction of well-formed ones).
     Also run: unlearning all negatives (same budget), and Algorithm 1 itself per seed with an
     all-negatives run on U2A's own budget.
@@ -260,7 +269,7 @@ def run_ablation(
         "n_candidates": len(forget),
         "seeds": list(seeds),
         "inner_steps": cfg.inner_steps,
-        "inner_lr": cfg.inner_lr,
+        "inner_learning_rate": cfg.inner_learning_rate,
         "base_reward": _summary([score(model, tokenizer, task, seed) for seed in seeds]),
         "all_negatives": _summary([unlearn_and_score(everything, seed) for seed in seeds]),
         "rows": rows,
@@ -292,3 +301,164 @@ def gain_concentration(gains: torch.Tensor, fractions=(0.05, 0.1, 0.2)) -> dict:
         top = max(1, round(f * len(gains)))
         out[f"top_{int(f * 100)}pct_share"] = float(positive[:top].sum()) / total if total else 0.0
     return out
+
+
+def ablation_figure(result: dict) -> bytes:
+    """Figure 4: reward after unlearning top-K by gain vs random K (mean +- std over seeds)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ks = [r["k"] for r in result["rows"]]
+    for key, label in (("top_k", "top-K by marginal gain"), ("random_k", "random K")):
+        means = [r[key]["mean"] for r in result["rows"]]
+        stds = [r[key]["std"] for r in result["rows"]]
+        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.axhline(result["base_reward"]["mean"], color="gray", ls="--", label="before unlearning")
+    ax.axhline(result["all_negatives"]["mean"], color="red", ls=":", label="all negatives")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (samples unlearned)")
+    ax.set_ylabel("mean keyword reward")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return png(fig)
+
+
+def ablation_report(result: dict, settings: dict) -> tuple[list[Section], dict[str, bytes]]:
+    """Sections and PNGs of ``negpref u2a ablation``."""
+    groups = {
+        kind: [i for i, k in enumerate(result["kinds"]) if k == kind]
+        for kind in ("mostly_bad", "mostly_good")
+    }
+    figures = {
+        "ablation.png": ablation_figure(result),
+        "gains.png": gains_figure(result["gains"], groups),
+    }
+    rows = [
+        [
+            r["k"],
+            r["top_k"]["mean"],
+            r["top_k"]["std"],
+            r["top_k"]["well_formed"],
+            r["random_k"]["mean"],
+            r["random_k"]["std"],
+            r["random_k"]["well_formed"],
+            result["mostly_bad_in_top"][r["k"]],
+        ]
+        for r in result["rows"]
+    ]
+    u2a_rows = [
+        [
+            r["seed"],
+            r["set_size"],
+            r["mostly_bad_selected"],
+            r["reward"],
+            r["well_formed"],
+            r["all_negatives_same_budget"],
+            r["inner_steps"],
+            r["stop_reason"],
+        ]
+        for r in result["u2a"]
+    ]
+    base, everything = result["base_reward"], result["all_negatives"]
+    section = Section(
+        "Figure 4 at CPU scale: top-K by marginal gain vs random K",
+        [
+            f"Tiny Llama on the keyword task; {result['n_candidates']} candidate negatives "
+            f"(mostly-bad, or mostly-good flagged negative); objective {result['objective']}; "
+            f"{result['loss']} for {result['inner_steps']} steps per condition; seeds "
+            f"{result['seeds']}. Reward before unlearning {base['mean']:.3f} "
+            f"(well-formed {base['well_formed']:.2f}); all negatives {everything['mean']:.3f} "
+            f"+- {everything['std']:.3f} (well-formed {everything['well_formed']:.2f}).",
+        ],
+        tables=[
+            (
+                [
+                    "K",
+                    "top-K reward",
+                    "std",
+                    "well-formed",
+                    "random-K reward",
+                    "std",
+                    "well-formed",
+                    "mostly-bad in top-K",
+                ],
+                rows,
+            ),
+            (
+                [
+                    "seed",
+                    "U2A set size",
+                    "mostly-bad selected",
+                    "U2A reward",
+                    "well-formed",
+                    "all negatives (same budget)",
+                    "inner steps",
+                    "stop",
+                ],
+                u2a_rows,
+            ),
+            (
+                ["gain concentration", "value"],
+                [[k, v] for k, v in result["gain_concentration"].items()],
+            ),
+        ],
+        figures=[
+            (figures["ablation.png"], "mean keyword reward (+- std over seeds)"),
+            (figures["gains.png"], "marginal gains at theta_0 by candidate kind"),
+        ],
+    )
+    return [section, settings_section(settings)], figures
+
+
+@dataclass
+class U2AAblationConfig:
+    """Settings of ``negpref u2a ablation`` (the rest: ``ablation_config``)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "run seeds"})
+    k: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "set sizes K"})
+    objective: str = field(
+        default="reward", metadata={"help": "J used for the gains", "choices": ["reward", "dpo"]}
+    )
+    loss: str = field(default="GA", metadata={"help": "unlearning method: GA or NPO"})
+    inner_steps: int = field(default=30, metadata={"help": "unlearning steps per K"})
+    rounds: int = field(default=10, metadata={"help": "rounds of the U2A runs"})
+    inner_learning_rate: float = field(default=1e-4, metadata={"help": "unlearning learning rate"})
+    pretrain_steps: int = field(default=300, metadata={"help": "base model training steps"})
+    out: str = field(default="", metadata={"help": "output directory"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing out directory"})
+
+    def u2a_config(self) -> U2AConfig:
+        return dataclasses.replace(
+            ablation_config(),
+            inner_steps=self.inner_steps,
+            rounds=self.rounds,
+            inner_learning_rate=self.inner_learning_rate,
+        )
+
+    def validate(self) -> None:
+        require(bool(self.out), "out", self.out, "give an output directory")
+        require(bool(self.seeds), "seeds", self.seeds, "give at least one seed")
+        require(bool(self.k) and min(self.k) >= 1, "k", self.k, "give set sizes >= 1")
+        require(self.pretrain_steps >= 0, "pretrain_steps", self.pretrain_steps, "must be >= 0")
+        # the toy task has no retain set: only the methods without a retain term
+        self.loss = u2a_method(self.loss)
+        require(self.loss in ("GA", "NPO"), "loss", self.loss, "must be GA or NPO")
+        self.u2a_config().validate()
+
+
+def run_ablation_study(config: U2AAblationConfig) -> dict:
+    """``run_ablation``; writes ``ablation.json``, the figures and ``report.html`` to
+    ``config.out``; returns the result without the per-candidate gains and kinds."""
+    config.validate()
+    check_out_dir(config.out, config.overwrite)  # before the work, not after it
+    cfg = config.u2a_config()
+    result = run_ablation(
+        tuple(config.k), tuple(config.seeds), config.objective, cfg, config.pretrain_steps,
+        config.loss,
+    )  # fmt: skip
+    sections, figures = ablation_report(result, config_to_dict(cfg))
+    with staged_out_dir(config.out, config.overwrite) as stage:
+        atomic_write_json(stage / "ablation.json", result)
+        for name, image in figures.items():
+            (stage / name).write_bytes(image)
+        write_html_report(stage / "report.html", "negpref u2a ablation", sections)
+    return {k: v for k, v in result.items() if k not in ("gains", "kinds")}

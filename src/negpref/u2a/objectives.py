@@ -1,8 +1,9 @@
 """U2A for causal language models: the candidate negatives, the unlearning losses and the
 alignment objectives ``J``.
 
-- ``LMForgetTask``: negatives (prompt + bad response) with GA, GradDiff (GA + retain NLL), NPO
-  or NPO+RT, all from ``negpref.losses`` on ``negpref.logprobs.sequence_logps``.
+- ``LMForgetTask``: negatives (prompt + bad response) with the unlearning registry's GA, GA+RT,
+  NPO or NPO+RT (``negpref.unlearn.objectives``: its forget losses and retain NLL, weighted per
+  sample) on ``negpref.logprobs.sequence_logps``.
 - ``NegDPOObjective``: ``J = -DPO loss`` on a held-out preference set, reference log-probs
   precomputed at ``theta_0`` (the objective of the authors' code).
 - ``RewardObjective``: ``J = E[r(x, y)]`` over the model's own samples ``y ~ pi(.|x)``, with
@@ -25,9 +26,17 @@ from negpref.data import Encoded, collate, encode_qa, format_prompt, load_record
 from negpref.data.records import PROMPT, check_kinds, place
 from negpref.errors import NegprefError
 from negpref.logprobs import sequence_logps
-from negpref.u2a import Grads, grads_of
+from negpref.u2a.config import u2a_method
+from negpref.u2a.implicit import grads_of
+from negpref.u2a.types import Grads
+from negpref.unlearn.objectives import (
+    PRESETS,
+    GroupLogps,
+    Objective,
+    StepLogps,
+    forget_loss_for,
+)
 
-FORGET_LOSSES = ("ga", "graddiff", "npo", "npo_rt")
 # the field pairs accepted for a negative sample: (prompt field, bad-response field)
 NEGATIVE_SCHEMAS = (("prompt", "response"), ("question", "answer"), ("prompt", "rejected"))
 
@@ -91,7 +100,7 @@ def prompt_ids(tokenizer, prompt, max_length: int) -> list[int]:
     if len(ids) >= max_length:
         raise NegprefError(
             f"a prompt of {len(ids)} tokens leaves no room for a response within "
-            f"max_length={max_length}; raise --max-length"
+            f"max_length={max_length}; raise max_length"
         )
     return ids
 
@@ -115,36 +124,50 @@ def _logps(model, encoded: list[Encoded], pad_id: int, batch_size: int) -> torch
 
 
 class LMForgetTask:
-    """Candidate negatives of a causal LM and the unlearning loss on them (``ForgetTask``)."""
+    """Candidate negatives of a causal LM and the unlearning loss on them (``ForgetTask``).
+
+    ``loss`` is a registry method (``GA``, ``GA+RT``, ``NPO``, ``NPO+RT``, any case): its forget
+    loss with ``npo_beta`` as beta, and for ``+RT`` its retain NLL scaled by ``retain_weight``.
+    """
 
     def __init__(
         self,
         model,
         tokenizer,
         negatives: list[dict],
-        loss: str = "ga",
+        loss: str = "GA",
         npo_beta: float = 0.1,
         max_length: int = 256,
         retain: list[dict] | None = None,
         retain_weight: float = 1.0,
         batch_size: int = 8,
     ):
-        if loss not in FORGET_LOSSES:
-            raise NegprefError(f"--loss: must be one of {', '.join(FORGET_LOSSES)}, got {loss!r}")
-        if loss in ("graddiff", "npo_rt") and not retain:
-            raise NegprefError(f"--loss {loss} needs a retain set (--retain FILE)")
-        self.loss_name, self.npo_beta, self.retain_weight = loss, npo_beta, retain_weight
+        self.method = u2a_method(loss)
+        preset = PRESETS[self.method]
+        if preset.c_rt and not retain:
+            raise NegprefError(f"loss {self.method} needs a retain set (field retain)")
+        self.objective = Objective(
+            forget_loss_for(preset.forget_loss),
+            c_forget=1.0,
+            c_rt=retain_weight if preset.c_rt else 0.0,
+            c_rtkl=0.0,
+            c_fgkl=0.0,
+            beta=npo_beta,
+            gamma=preset.gamma,
+        )
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id
         self.device = next(model.parameters()).device
         pairs = [(n["prompt"], n["response"]) for n in negatives]
         self.encoded = _encode_all(tokenizer, pairs, max_length)
         self.ref_logps = (
-            _logps(model, self.encoded, self.pad_id, batch_size) if loss.startswith("npo") else None
+            _logps(model, self.encoded, self.pad_id, batch_size)
+            if self.objective.ref_logp_groups
+            else None
         )
         self.retain = (
             _encode_all(tokenizer, [(r["prompt"], r["response"]) for r in retain], max_length)
-            if loss in ("graddiff", "npo_rt")
+            if preset.c_rt
             else []
         )
 
@@ -158,19 +181,20 @@ class LMForgetTask:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def loss(self, model, batch, weights=None) -> torch.Tensor:
-        logps = sequence_logps(model, batch).logps
-        if self.ref_logps is not None:
-            return losses.npo(logps, batch["ref_logps"], self.npo_beta, weights)
-        return losses.ga(logps, weights)
+        out = sequence_logps(model, batch)
+        forget = GroupLogps(out.logps, out.n_tokens, ref_logps=batch.get("ref_logps"))
+        step = StepLogps({"forget": forget}, weights)
+        return self.objective.forget_loss.fn(step, self.objective.beta, self.objective.gamma)
 
     def retain_loss(self, model, step: int) -> torch.Tensor | None:
-        """Token-mean NLL on the ``step``-th retain minibatch (cycling)."""
+        """``c_rt`` times the registry's retain NLL on the ``step``-th retain minibatch
+        (cycling)."""
         if not self.retain:
             return None
         start = (step * self.batch_size) % len(self.retain)
         chunk = self.retain[start : start + self.batch_size]
         out = sequence_logps(model, _to(collate(chunk, self.pad_id), model))
-        return self.retain_weight * losses.nll(out.logps, out.n_tokens)
+        return self.objective.c_rt * self.objective.retain_nll(GroupLogps(out.logps, out.n_tokens))
 
 
 class NegDPOObjective:
@@ -243,10 +267,7 @@ def refusal_keywords(prompt, response: str) -> float:
     return float(any(k in response for k in REFUSAL_KEYWORDS))
 
 
-REWARDS = {
-    "refusal_keywords": "negpref.u2a_objectives:refusal_keywords",
-    "toy_keywords": "negpref.u2a_toy:keyword_reward",
-}
+REWARDS = {"refusal_keywords": "negpref.u2a.objectives:refusal_keywords"}
 
 
 def load_reward_fn(spec: str) -> Callable[[object, str], float]:
@@ -255,15 +276,15 @@ def load_reward_fn(spec: str) -> Callable[[object, str], float]:
     module_name, _, attr = target.partition(":")
     if not attr:
         raise NegprefError(
-            f"--reward {spec!r}: not a registered reward ({', '.join(REWARDS)}) and not "
+            f"reward {spec!r}: not a registered reward ({', '.join(REWARDS)}) and not "
             "'module:function'"
         )
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise NegprefError(f"--reward {spec!r}: cannot import ({e})") from None
+        raise NegprefError(f"reward {spec!r}: cannot import ({e})") from None
     if not callable(fn):
-        raise NegprefError(f"--reward {spec!r}: {target} is not callable")
+        raise NegprefError(f"reward {spec!r}: {target} is not callable")
     return fn
 
 
@@ -279,7 +300,7 @@ class RewardModelScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise NegprefError(f"--reward-model {path}: not a model directory (no config.json)")
+            raise NegprefError(f"reward_model {path}: not a model directory (no config.json)")
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, use_safetensors=True
@@ -287,7 +308,7 @@ class RewardModelScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise NegprefError(
-                f"--reward-model {path}: could not load ({str(e).splitlines()[0]})"
+                f"reward_model {path}: could not load ({str(e).splitlines()[0]})"
             ) from e
         self.model.to(device).eval()
         self.device, self.max_length = device, max_length
@@ -334,7 +355,7 @@ class RewardObjective:
         if not prompts:
             raise NegprefError("the prompt set of the reward objective is empty")
         if samples_per_prompt < 1:
-            raise NegprefError(f"--reward-samples: must be at least 1, got {samples_per_prompt}")
+            raise NegprefError(f"reward_samples: must be at least 1, got {samples_per_prompt}")
         self.tokenizer, self.prompts, self.reward_fn = tokenizer, prompts, reward_fn
         self.samples, self.max_new_tokens, self.seed = samples_per_prompt, max_new_tokens, seed
         self.batch_size, self.max_length = batch_size, max_length

@@ -1,6 +1,6 @@
 """The implicit-gradient machinery of U2A: per-sample gradients and ``H^-1 v``.
 
-``negpref.u2a`` re-exports everything here; this module only keeps that one readable.
+``negpref.u2a`` re-exports the public names.
 Per-sample gradients are vectorised with ``torch.func`` (functional_call + vmap + grad), one
 chunk of candidates at a time; Hessian-vector products use double backward, and conjugate
 gradient turns them into ``H^-1 v`` without ever forming ``H``.
@@ -11,21 +11,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch.func import functional_call, grad, vmap
 
 from negpref.errors import NegprefError
-
-if TYPE_CHECKING:
-    from negpref.u2a import ForgetTask
-
-Grads = list[torch.Tensor]  # one tensor per trainable parameter, in ``trainable`` order
-
-
-class U2AWarning(UserWarning):
-    """Something U2A corrected on its own (clamped sizes, renormalised weights)."""
+from negpref.u2a.types import ForgetTask, Grads, U2AWarning
 
 
 def grads_of(value: torch.Tensor, params: list[torch.nn.Parameter]) -> Grads:
@@ -138,8 +129,8 @@ def implicit_gains(
         gains[start : start + len(indices)] = -dots
     if not bool(torch.isfinite(gains).all()):
         raise NegprefError(
-            "marginal gains are not finite (the unlearned model diverged); lower --inner-lr "
-            "or --inner-steps, or raise --reg-lambda"
+            "marginal gains are not finite (the unlearned model diverged); lower "
+            "inner_learning_rate or inner_steps, or raise reg_lambda"
         )
     return gains
 
@@ -174,7 +165,7 @@ def conjugate_gradient(
             fallback = step == 0 and fallback_scale is not None
             warnings.warn(
                 "conjugate gradient met non-positive curvature: the inner Hessian is not "
-                "positive definite here; raise --reg-lambda ("
+                "positive definite here; raise reg_lambda ("
                 + ("using the identity approximation" if fallback else "using the iterate so far")
                 + ")",
                 U2AWarning,
