@@ -63,7 +63,7 @@ def unlearn(files, out, *extra):
 def align(files, out, *extra):
     return [
         "align", "--model", str(files["model"]), "--data", str(files["prefs"]), "--out",
-        str(out), "--max-steps", "1", "--batch-size", "2", "--cpu", *extra,
+        str(out), "--max-steps", "1", "--per-device-train-batch-size", "2", "--use-cpu", *extra,
     ]  # fmt: skip
 
 
@@ -315,7 +315,7 @@ def test_hub_id_offline_fails_at_once_and_online_reaches_the_hub(
     "verb, flag, value, fragment",
     [
         ("unlearn", "--num-train-epochs", "inf", "finite"),
-        ("align", "--epochs", "inf", "finite"),
+        ("align", "--num-train-epochs", "inf", "finite"),
         ("unlearn", "--learning-rate", "nan", "finite"),
         ("unlearn", "--seed", "-1", "seed"),
         ("align", "--seed", "-1", "seed"),

@@ -161,7 +161,7 @@ def test_align_cli_reads_a_saved_dataset_folder(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
         "align", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-        "--max-steps", "1", "--batch-size", "2", "--cpu", "--json",
+        "--max-steps", "1", "--per-device-train-batch-size", "2", "--use-cpu", "--json",
     ]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -200,11 +200,18 @@ def test_python_objects_for_unlearn_run_and_align_trainer(model_dir, tmp_path, f
     result = run(config, model=model, tokenizer=tok, forget_records=write(QA, fmt, tmp_path))
     assert result.summary["steps"] == 2
 
-    align_config = AlignConfig(batch_size=2, max_steps=1, cpu=True)
-    trainer = AlignTrainer(align_config, model, tok, write(PREFS, fmt, tmp_path))
+    align_config = AlignConfig(
+        per_device_train_batch_size=2,
+        max_steps=1,
+        use_cpu=True,
+        output_dir=str(tmp_path / "align"),
+        save_strategy="no",
+        report_to="none",
+    )
+    trainer = AlignTrainer(model, align_config, write(PREFS, fmt, tmp_path), tok)
     assert len(trainer.items) == 2
     trainer.train()
-    assert trainer.step == 1
+    assert trainer.state.global_step == 1
 
 
 def test_u2a_cli_reads_parquet_negatives_and_csv_preferences(model_dir, tmp_path, capsys):

@@ -408,10 +408,10 @@ def test_unwritable_locations_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--unlearn-epochs", "0"], "--unlearn-epochs: must be >= 1"),
-        (["--unlearn-lr", "-1"], "--unlearn-lr: must be > 0"),
-        (["--seeds", "1", "2", "1"], "--seeds: repeats a seed"),
-        (["--jobs", "-1"], "--jobs: must be >= 0"),
+        (["--unlearn-epochs", "0"], "unlearn_epochs: must be >= 1"),
+        (["--unlearn-lr", "-1"], "unlearn_lr: must be > 0"),
+        (["--seeds", "1", "2", "1"], "seeds: repeats a seed"),
+        (["--jobs", "-1"], "jobs: must be >= 0"),
         (["--n-authors", "3"], "n_authors must be in 10..48"),
     ],
 )

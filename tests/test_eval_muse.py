@@ -300,7 +300,7 @@ def test_cli_bad_muse_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "bad.jsonl" in err[-1] and "text" in err[-1] and "Traceback" not in "\n".join(err)
     assert main([*base, str(tmp_path / "o2")]) == 2
-    assert "--forget-text" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "forget_text" in capsys.readouterr().err.strip().splitlines()[-1]
     not_muse = tmp_path / "logs.json"
     not_muse.write_text(json.dumps({"eval_log.json": {}}))
     retain = ["--forget-text", str(paths["forget_text"]), "--retain-logs", str(not_muse)]

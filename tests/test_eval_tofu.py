@@ -227,7 +227,7 @@ def test_cli_eval_checks_input_before_loading_a_model(tmp_path, capsys):
     missing_model = str(tmp_path / "no-model")
     out = tmp_path / "out"
     assert main(["eval", "--out", str(out)]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "model: " in capsys.readouterr().err
     # Retain logs of 300 forget items against a 5-item evaluation: refused, before any load.
     code = main(
         [

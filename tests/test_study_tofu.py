@@ -35,8 +35,8 @@ def test_authors_are_tofus_last_for_forgetting_and_unseen_for_the_holdout():
 
 def test_bad_settings_name_the_field():
     for bad, field in (
-        (dict(authors=1), "forget-authors"),
-        (dict(forget_authors=21, authors=100), "forget-authors"),
+        (dict(authors=1), "forget_authors"),
+        (dict(forget_authors=21, authors=100), "forget_authors"),
         (dict(methods=["SFT"]), "methods"),
         (dict(lr=float("inf")), "lr"),
     ):

@@ -279,7 +279,7 @@ def test_bad_inputs(problem):
     with pytest.warns(U2AWarning, match="larger than the candidate set"):
         result = run_u2a(problem.model, problem.task, problem.objective, big)
     assert len(result.selected) == 40
-    with pytest.raises(NegprefError, match="--md-step-size"):
+    with pytest.raises(NegprefError, match="md_step_size"):
         run_u2a(
             problem.model, problem.task, problem.objective, dataclasses.replace(cfg, md_step_size=0)
         )

@@ -282,6 +282,12 @@ class UnlearnTrainer(NegprefTrainer):
             ref[all_index] = all_values
             self.data.ref_logps[group] = ref
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """``Trainer.train``, after the reference log-probs (unless already computed or loaded)."""
+        if any(g not in self.data.ref_logps for g in self.precomputed_groups):
+            self.precompute_reference(progress=self.args.verbosity != "quiet")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     # --- one micro-batch --------------------------------------------------------------------
     def _hidden_layer(self, groups: tuple[str, ...]) -> int | None:
         """The block whose activations a forward returns: only where ``groups`` need them."""
