@@ -107,6 +107,7 @@ def train_model(records: list[dict], tokenizer, p: Profile, seed: int, work_dir:
         use_cpu=True,
         output_dir=str(work_dir),
         save_strategy="no",
+        verbosity="quiet",  # the demo reports its own progress
         save_model=False,
     )
     result = unlearn.run(config, model=model, tokenizer=tokenizer, forget_records=records)

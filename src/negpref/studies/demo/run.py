@@ -223,6 +223,7 @@ def unlearn_method(
         use_cpu=True,
         output_dir=str(method_dir),
         save_strategy="no",
+        verbosity="quiet",  # the demo reports its own progress
         save_model=False,
     )
     groups = unlearn_config.objective().groups
