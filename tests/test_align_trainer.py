@@ -9,13 +9,12 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import reordered_grad_atol, rounding_bound
-from negpref.align.batches import logps_of
 from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer
 from negpref.data import collate, format_prompt, pref_task
 from negpref.data.preference import normalize_records
 from negpref.errors import NegprefError
-from negpref.logprobs import sequence_logps
+from negpref.logprobs import batched_logps, sequence_logps
 from negpref.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +85,7 @@ def test_dpo_loss_metrics_and_gradients_equal_trl_dpotrainer(tmp_path, tokenizer
 
     ours = AlignTrainer(ours_model, _config(beta=beta), normalize_records(pairs, "p"), tokenizer)
     encoded = [e for it in ours.items for e in (it.chosen, *it.candidates)]
-    ref_logps, _ = logps_of(reference, encoded, tokenizer.pad_token_id, 8, "cpu")
+    ref_logps, _ = batched_logps(reference, encoded, tokenizer.pad_token_id, 8, "cpu")
     for i, it in enumerate(ours.items):  # reference = the unperturbed model, as TRL's ref_model
         it.ref_chosen, it.ref_candidates = ref_logps[2 * i].item(), [ref_logps[2 * i + 1].item()]
     loss, metrics, _ = ours.pair_loss([0, 1, 2, 3], [[0]] * 4)
@@ -293,7 +292,7 @@ def test_config_validation_names_the_option():
 
 
 def test_shared_prompt_forward_equals_the_concatenated_forward(tokenizer, task_data):
-    from negpref.align.batches import answer_logps, shared_prompt_logps, split_answer
+    from negpref.logprobs import answer_logps, shared_prompt_logps, split_answer
 
     model = tiny_llama(len(tokenizer), seed=0).train()
     trainer = AlignTrainer(copy.deepcopy(model), _config(), task_data, tokenizer)

@@ -33,16 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from negpref import losses
-from negpref.align.batches import (
-    EncodedItem,
-    answer_logps,
-    batch_to,
-    encode_items,
-    forward_accepts,
-    logps_of,
-    shared_prompt_logps,
-    split_answer,
-)
+from negpref.align.batches import EncodedItem, encode_items
 from negpref.align.config import AlignConfig
 from negpref.align.generate import Sampling, generate
 from negpref.align.links import link_dpo
@@ -51,6 +42,14 @@ from negpref.data import Encoded, collate, encode_qa
 from negpref.data.preference import FieldNames, load_preferences
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_text
+from negpref.logprobs import (
+    answer_logps,
+    batch_to,
+    batched_logps,
+    forward_accepts,
+    shared_prompt_logps,
+    split_answer,
+)
 from negpref.training.trainer import NegprefTrainer, plan_steps
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ class AlignTrainer(NegprefTrainer):
 
     def _logps(self, model, encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.config.per_device_train_batch_size * max(2, self.config.num_negatives + 1)
-        return logps_of(
+        return batched_logps(
             model,
             encoded,
             self.pad_id,

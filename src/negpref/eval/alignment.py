@@ -128,14 +128,14 @@ def coherence(prompts, completions: list[str], device: str = "cpu") -> list[floa
 @torch.no_grad()
 def completion_nll(model, tokenizer, prompts, completions, max_length: int, batch_size: int):
     """Summed NLL and token count of each completion given its prompt."""
-    from negpref.align.batches import logps_of
     from negpref.data import encode_qa
+    from negpref.logprobs import batched_logps
 
     encoded = [
         encode_qa(tokenizer, p, c, max_length) for p, c in zip(prompts, completions, strict=True)
     ]
     device = next(model.parameters()).device
-    logps, lengths = logps_of(model, encoded, tokenizer.pad_token_id, batch_size, device)
+    logps, lengths = batched_logps(model, encoded, tokenizer.pad_token_id, batch_size, device)
     return (-logps).tolist(), lengths.long().tolist()
 
 

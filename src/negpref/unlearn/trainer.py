@@ -24,7 +24,7 @@ import torch
 
 from negpref import losses
 from negpref.errors import NegprefError
-from negpref.logprobs import SequenceLogps, sequence_logps
+from negpref.logprobs import SequenceLogps, batched_logps, sequence_logps
 from negpref.models import as_trainable
 from negpref.training.run_log import eval_mode
 from negpref.training.trainer import NegprefTrainer, plan_steps
@@ -235,49 +235,49 @@ class UnlearnTrainer(NegprefTrainer):
         return {**super().checkpoint_state(), "fingerprint": self.fingerprint}
 
     # --- reference --------------------------------------------------------------------------
-    @torch.no_grad()
-    def reference_forward(
-        self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
-    ):
-        """Log-probs under the frozen reference (before training: the policy itself)."""
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference, in eval mode: a frozen copy, or the policy with its LoRA
+        adapters off (before training: the policy itself)."""
         if self.frozen_ref is not None:
             model, adapters = self.frozen_ref, contextlib.nullcontext()
         else:
             model = self.unwrapped
             adapters = model.disable_adapter() if self.args.lora else contextlib.nullcontext()
-        with self.accelerator.autocast(), eval_mode(model), adapters:
+        with eval_mode(model), adapters:
+            yield model
+
+    @torch.no_grad()
+    def reference_forward(
+        self, batch: dict[str, torch.Tensor], keep_logits: bool, hidden_layer: int | None = None
+    ):
+        """Log-probs under the frozen reference of one batch (a live reference forward)."""
+        with self.reference_model() as model, self.accelerator.autocast():
             return sequence_logps(model, batch, keep_logits=keep_logits, hidden_layer=hidden_layer)
 
     def precompute_reference(self, progress: bool = False) -> None:
-        """Reference log-probs of every sequence the loss compares, once, before any step.
-
-        Sequences are sorted by length to pad little; processes share the work and gather.
-        """
-        from tqdm.auto import tqdm
-
-        acc, batch_size = self.accelerator, self.args.per_device_train_batch_size
+        """Reference log-probs of every sequence the loss compares, once, before any step;
+        processes share the work (``batched_logps`` on each shard) and gather."""
+        acc = self.accelerator
         for group in self.precomputed_groups:
             encoded = self.data.group(group)
-            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-            with acc.split_between_processes(order, apply_padding=True) as shard:
-                values = []
-                starts = range(0, len(shard), batch_size)
-                bar = tqdm(
-                    starts,
-                    desc=f"reference log-probs ({group})",
-                    disable=not (progress and acc.is_main_process),
-                    leave=False,
-                )
-                for start in bar:
-                    chunk = [encoded[i] for i in shard[start : start + batch_size]]
-                    batch = self._to_device(
-                        MicroBatch({group: chunk}, {}, None).collate((group,), self.pad_id)
+            with acc.split_between_processes(
+                list(range(len(encoded))), apply_padding=True
+            ) as shard:
+                with self.reference_model() as model:
+                    local_values, _ = batched_logps(
+                        model,
+                        [encoded[i] for i in shard],
+                        self.pad_id,
+                        self.args.per_device_train_batch_size,
+                        self.args.device,
+                        acc.autocast,
+                        progress=progress and acc.is_main_process,
+                        desc=f"reference log-probs ({group})",
                     )
-                    values.append(self.reference_forward(batch, keep_logits=False).logps)
-                local_values = torch.cat(values).float()
-                local_index = torch.tensor(shard, device=local_values.device)
-            all_index = acc.gather(local_index).cpu()
-            all_values = acc.gather(local_values).cpu()
+                local_index = torch.tensor(shard)
+            all_index = acc.gather(local_index.to(self.args.device)).cpu()
+            all_values = acc.gather(local_values.to(self.args.device)).cpu()
             ref = torch.empty(len(encoded), dtype=torch.float32)
             ref[all_index] = all_values
             self.data.ref_logps[group] = ref
