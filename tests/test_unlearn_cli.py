@@ -296,6 +296,9 @@ def test_shipped_method_presets_load(path):
     ns = argparse.Namespace(config=path)
     cfg = build_config(UnlearnConfig, ns)
     assert cfg.resolved().objective().forget_loss in FORGET_LOSSES.values()
+    for name in ("forget", "retain", "idk"):  # resolved against the YAML file's folder
+        value = getattr(cfg, name)
+        assert not value or Path(value).is_file(), (name, value)
 
 
 def test_bench_step_cost_reports_every_mode(capsys):

@@ -108,7 +108,7 @@ def sft(model, tokenizer, examples: list[dict], steps: int, lr: float, seed: int
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=1,
             warmup_epochs=0,
-            weight_decay=0.0,
+            weight_decay=0.01,  # torch's AdamW default, which the study's own loop used
             lr_scheduler_type="constant",
             max_length=128,
             seed=seed,
