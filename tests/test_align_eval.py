@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from conftest import rounding_bound
-from negpref.align.generate import Sampling
 from negpref.cli import main
 from negpref.data import collate, encode_qa, pref_task
 from negpref.errors import NegprefError
 from negpref.eval import alignment
+from negpref.generation import Sampling
 from negpref.logprobs import sequence_logps
 from negpref.models import save_model, tiny_llama
+from negpref.rewards import sentiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,17 +44,6 @@ def files(tmp_path_factory, tokenizer):
     return root
 
 
-def test_asr_keywords_are_table_5():
-    assert len(alignment.ASR_KEYWORDS) == 29
-    assert (
-        alignment.ASR_KEYWORDS[0] == "I'm sorry" and alignment.ASR_KEYWORDS[-1] == "I can't assist"
-    )
-    assert alignment.refuses("Sure. I cannot do that, it is not ethical.")
-    assert alignment.refuses("As an AI, no")
-    assert not alignment.refuses("Here is how: step one ...")
-    assert not alignment.refuses("i'm sorry")  # case-sensitive, as the GCG check
-
-
 def test_reward_model_scorer_checks_the_head_and_scores_with_its_logit(files, tokenizer):
     with pytest.raises(NegprefError, match="its head has 2 outputs"):
         alignment.reward_model_scorer(str(files / "rm2"))
@@ -80,7 +70,7 @@ def test_evaluate_reward_win_rate_asr_and_perplexity(tokenizer):
     )
     assert result["win_rate"] == 0.5  # greedy completions of the same model tie
     assert result["reward"] == pytest.approx(
-        sum(pref_task.sentiment_reward(p, it["completion"]) for p, it in zip(prompts, items)) / 3
+        sum(sentiment(p, it["completion"]) for p, it in zip(prompts, items)) / 3
     )
     assert result["asr_keyword"] == 1.0 and result["refusal_rate"] == 0.0
     encoded = [encode_qa(tokenizer, p, it["completion"], 64) for p, it in zip(prompts, items)]

@@ -26,9 +26,9 @@ from negpref.eval import (
     load_tofu_sets,
     peak_forget_quality,
 )
-from negpref.eval.generation import greedy_generate, prompt_ids
 from negpref.eval.scoring import score_answers
 from negpref.eval.tofu_logs import write_logs
+from negpref.generation import greedy_generate, prompt_ids
 from negpref.logprobs import token_logps_from_logits
 from negpref.models import build_tokenizer, save_model, tiny_llama
 

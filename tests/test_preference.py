@@ -9,6 +9,7 @@ import pytest
 from negpref.data import pref_task
 from negpref.data.preference import FieldNames, load_preferences, normalize_records
 from negpref.errors import NegprefError
+from negpref.rewards import sentiment
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -151,27 +152,12 @@ def test_tofu_perturbed_answers_as_candidates():
     assert data.stats["candidates_max"] == 5
 
 
-def test_sentiment_reward_values():
-    assert (
-        pref_task.sentiment_reward(
-            "p", "the room was great , the staff was rude and the view was plain ."
-        )
-        == 0.0
-    )
-    assert pref_task.sentiment_reward("p", "great lovely superb") == 1.0
-    assert pref_task.sentiment_reward("p", "awful, dull") == -1.0
-    assert pref_task.sentiment_reward("p", "Great day, awful night and an average lunch") == 0.0
-    assert pref_task.sentiment_reward("p", "no opinion words") == 0.0
-    with pytest.raises(NegprefError, match="unknown reward 'nope'"):
-        pref_task.reward_function("nope")
-
-
 def test_task_records_have_a_strictly_best_chosen_and_k_distinct_candidates(tmp_path):
     records = pref_task.make_preferences(40, 4, seed=3)
     for r in records:
-        best = pref_task.sentiment_reward(r["prompt"], r["chosen"])
+        best = sentiment(r["prompt"], r["chosen"])
         assert len(r["rejected"]) == len(set(r["rejected"])) == 4
-        assert all(pref_task.sentiment_reward(r["prompt"], c) < best for c in r["rejected"])
+        assert all(sentiment(r["prompt"], c) < best for c in r["rejected"])
     assert records == pref_task.make_preferences(40, 4, seed=3)  # seeded
     counts = pref_task.write_task(tmp_path, n_records=8, k=2, seed=0)
     assert counts == {"train": 8, "eval": 24, "sft": 32}

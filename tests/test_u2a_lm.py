@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import reordered_grad_atol, rounding_bound
+from conftest import reordered_grad_atol
 from negpref import losses
 from negpref.data import collate, encode_qa, load_records
 from negpref.errors import NegprefError
@@ -16,12 +16,9 @@ from negpref.u2a import U2AConfig, per_sample_grads, run_u2a, trainable
 from negpref.u2a.objectives import (
     LMForgetTask,
     NegDPOObjective,
-    RewardModelScorer,
     RewardObjective,
     _leave_one_out_baseline,
     load_negatives,
-    load_reward_fn,
-    refusal_keywords,
 )
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -212,41 +209,6 @@ def test_reward_objective_score_function_gradient_is_unbiased(model, tokenizer):
     assert float(estimate @ exact / exact.norm() ** 2) == pytest.approx(1.0, abs=4 * 0.047)
     # common random numbers: the same draw on every call
     assert objective.value(model) == pytest.approx(value)
-
-
-def test_rewards_registry_and_reward_model(tmp_path, tokenizer):
-    assert refusal_keywords("p", "I'm sorry, but I cannot help with that.") == 1.0
-    assert refusal_keywords("p", "Sure, here is how to do it.") == 0.0
-    assert load_reward_fn("refusal_keywords") is refusal_keywords
-    assert load_reward_fn("tests.test_u2a_lm:_token_reward")("p", "ab") == 1.0
-    for spec, message in (("nope", "not a registered reward"), ("negpref.nope:f", "cannot import")):
-        with pytest.raises(NegprefError, match=message):
-            load_reward_fn(spec)
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    rm = LlamaForSequenceClassification(config).eval()
-    rm.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    scorer = RewardModelScorer(tmp_path / "rm")
-    ids = tokenizer("Who is she?\nA writer.", return_tensors="pt")
-    # a 32-wide dot product of the unit-RMS final hidden state with the head (|w| < 1): fp32
-    # rounding eps * 32 = 3.8e-6; measured 1.5e-8 (was rel=1e-5)
-    assert scorer("Who is she?", "A writer.") == pytest.approx(
-        rm(**ids).logits[0, 0].item(), abs=rounding_bound(torch.float32, 32, 1.0)
-    )
-    with pytest.raises(NegprefError, match="not a model directory"):
-        RewardModelScorer(tmp_path)
 
 
 def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01):

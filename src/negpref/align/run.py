@@ -18,12 +18,12 @@ from pathlib import Path
 from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer, RewardEvaluation
 from negpref.config import config_to_dict
-from negpref.data.pref_task import reward_function
 from negpref.data.preference import FieldNames, PreferenceData, load_preferences
 from negpref.data.records import PROMPT, load_records
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
 from negpref.models import ModelSpec, load_model, save_model
+from negpref.rewards import reward_function
 from negpref.training import checkpoint as ckpt
 from negpref.training.checkpoint import Resumable, resumable_checkpoint
 from negpref.training.run_log import RunCallback, RunLog
@@ -152,7 +152,9 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
     if config.eval_reward:
         callbacks.append(
             RewardEvaluation(
-                reward_function(config.eval_reward), eval_prompts(config, data), config
+                reward_function(config.eval_reward, "eval_reward"),
+                eval_prompts(config, data),
+                config,
             )
         )
     if model is None:

@@ -35,12 +35,12 @@ from transformers import TrainerCallback
 from negpref import losses
 from negpref.align.batches import EncodedItem, encode_items
 from negpref.align.config import AlignConfig
-from negpref.align.generate import Sampling, generate
 from negpref.align.links import link_dpo
 from negpref.align.mcpo import KernelDraw, draw, ranking_nce
 from negpref.data import Encoded, collate, encode_qa
 from negpref.data.preference import FieldNames, load_preferences
 from negpref.errors import NegprefError
+from negpref.generation import Sampling, generate
 from negpref.io import atomic_write_text
 from negpref.logprobs import (
     answer_logps,

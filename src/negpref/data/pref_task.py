@@ -10,18 +10,17 @@ words, so some are near misses of the chosen one (hard negatives) and some are f
 
 The SFT split holds completions with uniformly random opinions: a model fit to it is a
 reference policy with expected reward about 0, which preference optimization should raise.
-Rewards are looked up by name in ``REWARDS`` (``negpref eval --alignment --align-reward``).
+The reward is ``negpref.rewards.sentiment`` (registered as ``sentiment``).
 """
 
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_text
+from negpref.rewards import NEGATIVE, NEUTRAL, POSITIVE, sentiment
 
 TOPICS = {
     "hotel": ("room", "staff", "breakfast", "view"),
@@ -33,29 +32,9 @@ TOPICS = {
     "concert": ("band", "crowd", "sound", "venue"),
     "car": ("engine", "seats", "brakes", "radio"),
 }
-POSITIVE = ("great", "lovely", "superb", "friendly", "excellent", "charming", "wonderful", "fresh")
-NEGATIVE = ("awful", "dull", "rude", "terrible", "broken", "boring", "dreadful", "poor")
-NEUTRAL = ("ordinary", "average", "typical", "plain", "standard", "usual")
 PROMPTS = ("Review the {topic}.", "What did you think of the {topic}?", "Describe the {topic}.")
 ASPECTS = 3  # opinions per completion
-_LEXICON = {w: 1 for w in POSITIVE} | {w: -1 for w in NEGATIVE} | {w: 0 for w in NEUTRAL}
 _OPINIONS = (POSITIVE, NEGATIVE, NEUTRAL)
-
-
-def sentiment_reward(prompt, completion: str) -> float:
-    """Lexicon score of ``completion`` in [-1, 1]; 0 when it holds no opinion word."""
-    del prompt  # the reward judges the completion alone
-    scores = [_LEXICON[w] for w in re.findall(r"[a-z]+", completion.lower()) if w in _LEXICON]
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-REWARDS: dict[str, Callable[[object, str], float]] = {"sentiment": sentiment_reward}
-
-
-def reward_function(name: str) -> Callable[[object, str], float]:
-    if name not in REWARDS:
-        raise NegprefError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-    return REWARDS[name]
 
 
 def _completion(aspects: tuple[str, ...], opinions: list[str]) -> str:
@@ -89,11 +68,11 @@ def make_preferences(n_records: int, k: int, seed: int = 0) -> list[dict]:
         prompt = all_prompts[len(records) % len(all_prompts)]
         aspects = tuple(rng.sample(TOPICS[_topic(prompt)], ASPECTS))
         texts = [_completion(aspects, _random_opinions(rng)) for _ in range(k + 1)]
-        ranked = sorted(texts, key=lambda t: sentiment_reward(prompt, t), reverse=True)
+        ranked = sorted(texts, key=lambda t: sentiment(prompt, t), reverse=True)
         best, rest = ranked[0], ranked[1:]
         # a strict winner and distinct candidates, or the record says nothing
         if len(set(ranked)) < len(ranked) or any(
-            sentiment_reward(prompt, t) >= sentiment_reward(prompt, best) for t in rest
+            sentiment(prompt, t) >= sentiment(prompt, best) for t in rest
         ):
             continue
         rng.shuffle(rest)

@@ -33,12 +33,12 @@ from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, encode_text, loa
 from negpref.data.records import TEXT, load_json
 from negpref.errors import NegprefError
 from negpref.eval import metrics
-from negpref.eval.generation import greedy_continue, greedy_generate
 from negpref.eval.mia import mia_auc, mia_summary
 from negpref.eval.scoring import model_attack_scores, score_encoded
 from negpref.eval.tofu import subsample
 from negpref.eval.tofu_files import META_KEY, short_list
 from negpref.eval.tofu_logs import DEFAULT_PRIVLEAK_REF_AUC
+from negpref.generation import greedy_continue, greedy_generate
 
 # MUSE's defaults (its verbmem files hold 32-token prompts, continued for 128 new tokens; its
 # knowmem answers are generated for up to 32 tokens and cut at these strings).

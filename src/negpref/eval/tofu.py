@@ -27,9 +27,9 @@ from negpref.data import DEFAULT_PROMPT, PromptFormat, encode_qa, load_records
 from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
-from negpref.eval.generation import greedy_generate
 from negpref.eval.scoring import AnswerScores, model_attack_scores, score_answers
 from negpref.eval.tofu_files import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
+from negpref.generation import greedy_generate
 
 # Source files in a TOFU-format data directory.
 RETAIN_PERTURBED = "retain_perturbed.json"

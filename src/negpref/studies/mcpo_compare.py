@@ -32,6 +32,7 @@ from negpref.io import atomic_write_bytes, atomic_write_json, staged_out_dir
 from negpref.models import tiny_llama
 from negpref.report import Section, write_html_report
 from negpref.report.style import curve_style
+from negpref.rewards import sentiment
 from negpref.training.run_log import RunCallback, RunLog
 
 VARIANTS: dict[str, dict] = {
@@ -165,7 +166,7 @@ def run_seed(settings: CompareSettings, seed: int) -> dict:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="negpref-compare-") as tmp:
             config = _config(settings, variant, seed).replace(output_dir=tmp)
-            evaluate = RewardEvaluation(pref_task.sentiment_reward, prompts, config)
+            evaluate = RewardEvaluation(sentiment, prompts, config)
             trainer = AlignTrainer(copy.deepcopy(reference), config, data, tokenizer)
             log = RunLog(Path(tmp), is_main=True, keep_through=-1)
             trainer.add_callback(RunCallback(trainer, log, [evaluate], Path(tmp)))

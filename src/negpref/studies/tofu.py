@@ -349,7 +349,7 @@ class EpochEval:
 
 def sample_answers(model, tokenizer, data: StudyData, config) -> list[dict]:
     """Greedy answers to two questions of each kind (the paper's Figure 7)."""
-    from negpref.eval.generation import greedy_generate
+    from negpref.generation import greedy_generate
 
     picks = [("forget", r) for r in data.sets.forget.records[:2]]
     picks += [("retain", r) for r in data.sets.retain.records[:2]]

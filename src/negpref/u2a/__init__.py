@@ -39,10 +39,8 @@ from negpref.u2a.job import U2ARun, run
 from negpref.u2a.objectives import (
     LMForgetTask,
     NegDPOObjective,
-    RewardModelScorer,
     RewardObjective,
     load_negatives,
-    load_reward_fn,
 )
 from negpref.u2a.types import AlignmentObjective, ForgetTask, Grads, U2AWarning
 
@@ -54,7 +52,6 @@ __all__ = [
     "Grads",
     "LMForgetTask",
     "NegDPOObjective",
-    "RewardModelScorer",
     "RewardObjective",
     "U2AConfig",
     "U2AResult",
@@ -69,7 +66,6 @@ __all__ = [
     "inner_hvp",
     "inverse_hvp",
     "load_negatives",
-    "load_reward_fn",
     "mirror_descent_step",
     "per_sample_grads",
     "run",

@@ -116,21 +116,18 @@ def _load_model(cfg: U2ARunConfig):
 
 
 def _objective(cfg: U2ARunConfig, model, tokenizer, inputs: dict):
-    from negpref.u2a.objectives import (
-        NegDPOObjective,
-        RewardModelScorer,
-        RewardObjective,
-        load_reward_fn,
-    )
+    from negpref.rewards import RewardModel, reward_function
+    from negpref.u2a.objectives import NegDPOObjective, RewardObjective
 
     if cfg.objective == "dpo":
         return NegDPOObjective(
             model, tokenizer, inputs["pairs"], cfg.dpo_beta, cfg.max_length, cfg.batch_size
         )
     reward = (
-        RewardModelScorer(cfg.reward_model, cfg.device)
+        # texts past 512 tokens are cut, as U2A's reward model scorer always did
+        RewardModel(cfg.reward_model, cfg.device, max_length=512)
         if cfg.reward_model
-        else load_reward_fn(cfg.reward)
+        else reward_function(cfg.reward, "reward")
     )
     return RewardObjective(
         tokenizer,
