@@ -116,7 +116,12 @@ def test_inner_unlearning_is_one_engine_step_of_the_weighted_preset(
     model, tokenizer, forget01, monkeypatch
 ):
     """weighted_unlearn on an LM task: UnlearnTrainer with the NPO+RT preset, the simplex
-    weights as record weights and U2A's proximal term, equal to a hand-computed SGD step."""
+    weights as record weights, U2A's proximal term and no dropout, equal to a hand-computed SGD
+    step."""
+    for module in model.modules():  # dropout that only a train-mode forward would apply
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    model.train()
     retain = _negatives(forget01[10:], 1)  # one retain record: every retain partner is it
     task = LMForgetTask(
         model, tokenizer, _negatives(forget01), "NPO+RT", npo_beta=0.5, max_length=128,
@@ -129,8 +134,10 @@ def test_inner_unlearning_is_one_engine_step_of_the_weighted_preset(
     cfg = U2AConfig(inner_optimizer="sgd", inner_learning_rate=0.05, reg_lambda=0.3, batch_size=8)
 
     batch = task.batch(support)
+    model.eval()
     forget = sequence_logps(model, batch).logps
     kept = sequence_logps(model, collate(task.retain, tokenizer.pad_token_id))
+    model.train()
     proximal = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, theta0))
     # eq. 8 with |B| = |S| and sum(w) = 1: sum_S w_i l_i + c_rt L_RT + lambda ||theta-theta0||^2
     npo = (2 / 0.5) * torch.nn.functional.softplus(0.5 * (forget - batch["ref_logps"]))
@@ -151,6 +158,7 @@ def test_inner_unlearning_is_one_engine_step_of_the_weighted_preset(
     generator = torch.Generator().manual_seed(3)
     loss = weighted_unlearn(model, task, support, weights, theta0, cfg, 1, generator)
     assert steps == ["sgd"]  # one micro-batch, one optimizer step, on the engine
+    assert model.training  # the caller's mode is restored
     # the engine forwards forget and retain sequences in one padded batch, the hand computation
     # separately: sums of <= 128 token log-probs through a 64-wide model in another order,
     # eps * 64 * 128 * |loss| = 7.8e-2 at a loss of 80; measured 0 (bitwise)

@@ -201,8 +201,10 @@ class LMForgetTask:
     ) -> float:
         """The inner problem on the unlearning engine: ``steps`` optimizer steps of
         ``UnlearnTrainer`` with this task's preset on the support, the simplex ``weights`` as
-        per-record forget weights, and ``cfg.reg_lambda * ||theta - theta0||^2`` as the
-        trainer's proximal term. Returns the last step's objective.
+        per-record forget weights, ``cfg.reg_lambda * ||theta - theta0||^2`` as the trainer's
+        proximal term, no dropout, the optimizer ``cfg.inner_optimizer`` (AdamW without decay,
+        or plain SGD) at a constant ``cfg.inner_learning_rate``, no clipping. Returns the last
+        step's objective.
 
         How it relates to eq. 8 of the U2A paper, ``sum_S w_i l_i + lambda ||theta-theta0||^2``:
         a step on minibatch ``B`` of ``S`` (``|B| = min(batch_size, |S|)``, a seeded
@@ -249,6 +251,7 @@ class LMForgetTask:
             seed=seed,
             proximal_lambda=cfg.reg_lambda,
             proximal_anchor=theta0,
+            dropout=False,  # the gains differentiate the eval-mode loss: train that one
         )
         return last_logged(trainer)
 

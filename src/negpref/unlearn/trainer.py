@@ -158,6 +158,8 @@ class UnlearnTrainer(NegprefTrainer):
     default: their values when the trainer is built). The Trainer divides each micro-batch's
     loss by ``gradient_accumulation_steps``, so a step's objective holds the term once. The
     parameters are compared as the module holds them: not under FSDP/DeepSpeed sharding.
+    ``dropout=False`` runs the policy forward in eval mode: the loss is then the deterministic
+    function of the weights that U2A's marginal gains differentiate.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class UnlearnTrainer(NegprefTrainer):
         data: UnlearnData | None = None,
         proximal_lambda: float = 0.0,
         proximal_anchor: Sequence[torch.Tensor] | None = None,
+        dropout: bool = True,
     ):
         if processing_class is None:
             raise NegprefError("UnlearnTrainer: pass the tokenizer as processing_class")
@@ -196,7 +199,7 @@ class UnlearnTrainer(NegprefTrainer):
             model = add_lora(model, args)
         check_model_settings(model, args, objective)
         restrict_trainable(model, args.trainable_params)
-        self.proximal_lambda = float(proximal_lambda)
+        self.proximal_lambda, self.dropout = float(proximal_lambda), dropout
         self.proximal_params, self.proximal_anchor = self._proximal(
             model, proximal_lambda, proximal_anchor
         )
@@ -333,16 +336,14 @@ class UnlearnTrainer(NegprefTrainer):
         """Eq. 17 on one micro-batch: every group through ONE policy forward."""
         objective = self.objective
         groups = objective.groups
-        step = split_groups(
-            sequence_logps(
+        with contextlib.nullcontext() if self.dropout else eval_mode(model):
+            policy = sequence_logps(
                 model,
                 inputs["policy"],
                 keep_logits=objective.needs_logits,
                 hidden_layer=self._hidden_layer(objective.hidden_groups),
-            ),
-            groups,
-            inputs["sizes"],
-        )
+            )
+        step = split_groups(policy, groups, inputs["sizes"])
         if self.live_ref_groups:
             ref = split_groups(
                 self.reference_forward(
@@ -405,13 +406,13 @@ def train_in_memory(model, tokenizer, data: UnlearnData, **options) -> UnlearnTr
     """Train ``model`` in place on ``data`` with ``UnlearnTrainer``; returns the trainer.
 
     ``options`` are ``UnlearnConfig`` fields (over ``IN_MEMORY``; ``use_cpu`` defaults to where
-    the model is) and the trainer's ``proximal_lambda`` / ``proximal_anchor``. The reference
+    the model is) and the trainer's ``proximal_lambda`` / ``proximal_anchor`` / ``dropout``. The reference
     log-probs the method reads must be in ``data.ref_logps``. Transformers' Trainer writes
     nothing with these settings, but wants an ``output_dir``: a temporary folder, removed after.
     The model's train/eval mode is restored after training.
     """
     trainer_options = {
-        k: options.pop(k) for k in ("proximal_lambda", "proximal_anchor") if k in options
+        k: options.pop(k) for k in ("proximal_lambda", "proximal_anchor", "dropout") if k in options
     }
     options.setdefault("use_cpu", next(model.parameters()).device.type == "cpu")
     was_training = model.training
