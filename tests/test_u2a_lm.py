@@ -361,3 +361,28 @@ def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01
     assert any(
         float(p.detach().abs().sum()) > 0 for n, p in lora.named_parameters() if "lora_B" in n
     )
+
+
+def test_toy_pretraining_is_the_engine_sft_preset(monkeypatch):
+    from negpref.studies.u2a_toy import make_task, pretrain
+
+    seen = []
+    engine_loss = UnlearnTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        loss = engine_loss(self, model, inputs, *args, **kwargs)
+        if not seen:  # step 1, before any update: the NLL of the stream's first batch by hand
+            first = [f for f, _ in self.data.stream(0, self.effective_batch)]
+            batch = collate([self.data.forget[i] for i in first], self.pad_id)
+            out = sequence_logps(model, {k: v.to(loss.device) for k, v in batch.items()})
+            seen.append((loss.item(), losses.nll(out.logps, out.n_tokens).item()))
+        seen.append(self.args.method)
+        return loss
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", spy)
+    model, _ = pretrain(make_task(0), steps=3, batch_size=4)
+    (engine, hand), *methods = seen
+    assert methods == ["SFT"] * 3 and not model.training
+    # the same forward on the same padded batch, recomputed: within eps * (48 tokens x 64 wide)
+    # * |loss| = 4.1e-3 at a loss of 6.1 (a kernel may sum in another order); measured 0
+    assert engine == pytest.approx(hand, rel=0, abs=rounding_bound(torch.float32, 48 * 64, hand))
