@@ -212,9 +212,9 @@ class LMForgetTask:
         weighted reduction) ``+ c_rt * L_RT`` on ``|B|`` retain partners (+RT presets) ``+
         lambda ||theta - theta0||^2``. Because ``sum_S w_i = 1`` on the simplex, the forget term
         equals eq. 8's ``sum_S w_i l_i`` exactly when ``|B| = |S|``; for ``|B| < |S|`` it is
-        the self-normalised (ratio) estimate of it, whereas the earlier hand loop used the
-        unbiased ``|S|/|B| sum_B w_i l_i``: the two differ by the factor ``|S|/|B| sum_B w_i``
-        per batch, whose mean over batches is 1. The marginal gains and the weight updates
+        the self-normalised (ratio) estimate of it, where ``weighted_unlearn``'s loop for
+        closed-form tasks takes the unbiased ``|S|/|B| sum_B w_i l_i``: the two differ by the
+        factor ``|S|/|B| sum_B w_i`` per batch, whose mean over batches is 1. The marginal gains and the weight updates
         (eqs. 9-12) are unchanged; only theta*(w) is approximated by these steps.
         """
         if steps == 0:

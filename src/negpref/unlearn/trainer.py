@@ -406,8 +406,8 @@ def train_in_memory(model, tokenizer, data: UnlearnData, **options) -> UnlearnTr
     """Train ``model`` in place on ``data`` with ``UnlearnTrainer``; returns the trainer.
 
     ``options`` are ``UnlearnConfig`` fields (over ``IN_MEMORY``; ``use_cpu`` defaults to where
-    the model is) and the trainer's ``proximal_lambda`` / ``proximal_anchor`` / ``dropout``. The reference
-    log-probs the method reads must be in ``data.ref_logps``. Transformers' Trainer writes
+    the model is) and the trainer's ``proximal_lambda`` / ``proximal_anchor`` / ``dropout``.
+    The reference log-probs the method reads must be in ``data.ref_logps``. Transformers' Trainer writes
     nothing with these settings, but wants an ``output_dir``: a temporary folder, removed after.
     The model's train/eval mode is restored after training.
     """
