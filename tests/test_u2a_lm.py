@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import reordered_grad_atol
+from conftest import perturb, reordered_grad_atol, rounding_bound
 from negpref import losses
 from negpref.data import collate, encode_qa, load_records
 from negpref.errors import NegprefError
 from negpref.logprobs import sequence_logps
 from negpref.models import build_tokenizer, tiny_llama
-from negpref.u2a import U2AConfig, per_sample_grads, run_u2a, trainable
+from negpref.u2a import U2AConfig, per_sample_grads, run_u2a, trainable, weighted_unlearn
 from negpref.u2a.objectives import (
     LMForgetTask,
     NegDPOObjective,
@@ -20,6 +20,7 @@ from negpref.u2a.objectives import (
     _leave_one_out_baseline,
     load_negatives,
 )
+from negpref.unlearn.trainer import UnlearnTrainer
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -106,6 +107,78 @@ def test_forget_losses_are_negpref_losses(model, tokenizer, forget01):
     assert gd.retain_loss(model, 1).item() == pytest.approx(
         losses.nll(out.logps, out.n_tokens).item()
     )
+
+
+def test_inner_unlearning_is_one_engine_step_of_the_weighted_preset(
+    model, tokenizer, forget01, monkeypatch
+):
+    """weighted_unlearn on an LM task: UnlearnTrainer with the NPO+RT preset, the simplex
+    weights as record weights, U2A's proximal term and no dropout, equal to a hand-computed SGD
+    step."""
+    for module in model.modules():  # dropout that only a train-mode forward would apply
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    model.train()
+    retain = _negatives(forget01[10:], 1)  # one retain record: every retain partner is it
+    task = LMForgetTask(
+        model, tokenizer, _negatives(forget01), "NPO+RT", npo_beta=0.5, max_length=128,
+        retain=retain, retain_weight=0.7,
+    )  # fmt: skip
+    params = list(trainable(model).values())
+    theta0 = [p.detach().clone() for p in params]
+    perturb(model)  # theta != theta0: the proximal term and NPO's log-ratio are not 0
+    support, weights = [4, 1, 3], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    cfg = U2AConfig(inner_optimizer="sgd", inner_learning_rate=0.05, reg_lambda=0.3, batch_size=8)
+
+    batch = task.batch(support)
+    model.eval()
+    forget = sequence_logps(model, batch).logps
+    kept = sequence_logps(model, collate(task.retain, tokenizer.pad_token_id))
+    model.train()
+    proximal = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, theta0))
+    # eq. 8 with |B| = |S| and sum(w) = 1: sum_S w_i l_i + c_rt L_RT + lambda ||theta-theta0||^2
+    npo = (2 / 0.5) * torch.nn.functional.softplus(0.5 * (forget - batch["ref_logps"]))
+    hand = (weights.float() * npo).sum() + 0.7 * (-kept.logps / kept.n_tokens).mean()
+    hand = hand + 0.3 * proximal
+    assert proximal.item() > 0 and (forget - batch["ref_logps"]).abs().min().item() > 0
+    grads = torch.autograd.grad(hand, params)
+    expected = [p.detach() - 0.05 * g for p, g in zip(params, grads)]
+
+    steps = []
+    engine_loss = UnlearnTrainer.compute_loss
+
+    def spy(self, *args, **kwargs):
+        steps.append(self.args.optim)
+        return engine_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", spy)
+    generator = torch.Generator().manual_seed(3)
+    loss = weighted_unlearn(model, task, support, weights, theta0, cfg, 1, generator)
+    assert steps == ["sgd"]  # one micro-batch, one optimizer step, on the engine
+    assert model.training  # the caller's mode is restored
+    # the engine forwards forget and retain sequences in one padded batch, the hand computation
+    # separately: sums of <= 128 token log-probs through a 64-wide model in another order,
+    # eps * 64 * 128 * |loss| = 7.8e-2 at a loss of 80; measured 0 (bitwise)
+    bound = rounding_bound(torch.float32, 64 * 128, hand.item())
+    assert loss == pytest.approx(hand.item(), rel=0, abs=bound)
+    # the step is lr * a reordered gradient: 8.6e-5; measured 1.2e-7 (one rounding of |p| ~ 1)
+    atol = 0.05 * reordered_grad_atol(grads, 64, 128)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=atol)
+
+
+def test_proximal_anchor_must_match_the_trainable_parameters(model, tokenizer, forget01):
+    from negpref.unlearn.dataset import build_data
+    from negpref.unlearn.trainer import train_in_memory
+
+    data = build_data(tokenizer, forget01[:2], None, None, 64, 0)
+    with pytest.raises(NegprefError, match=r"proximal_anchor: 1 tensors do not match the \d+ "):
+        train_in_memory(
+            model, tokenizer, data, method="SFT", max_steps=1, proximal_lambda=1.0,
+            proximal_anchor=[torch.zeros(2)],
+        )  # fmt: skip
+    with pytest.raises(NegprefError, match="proximal_lambda: must be >= 0"):
+        train_in_memory(model, tokenizer, data, method="SFT", max_steps=1, proximal_lambda=-1.0)
 
 
 def test_lm_per_sample_grads_vmap_equals_loop_with_lora(model, tokenizer, forget01):
@@ -250,3 +323,28 @@ def test_run_u2a_on_lora_lm_with_dpo_objective_and_cg(model, tokenizer, forget01
     assert any(
         float(p.detach().abs().sum()) > 0 for n, p in lora.named_parameters() if "lora_B" in n
     )
+
+
+def test_toy_pretraining_is_the_engine_sft_preset(monkeypatch):
+    from negpref.studies.u2a_toy import make_task, pretrain
+
+    seen = []
+    engine_loss = UnlearnTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        loss = engine_loss(self, model, inputs, *args, **kwargs)
+        if not seen:  # step 1, before any update: the NLL of the stream's first batch by hand
+            first = [f for f, _ in self.data.stream(0, self.effective_batch)]
+            batch = collate([self.data.forget[i] for i in first], self.pad_id)
+            out = sequence_logps(model, {k: v.to(loss.device) for k, v in batch.items()})
+            seen.append((loss.item(), losses.nll(out.logps, out.n_tokens).item()))
+        seen.append(self.args.method)
+        return loss
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", spy)
+    model, _ = pretrain(make_task(0), steps=3, batch_size=4)
+    (engine, hand), *methods = seen
+    assert methods == ["SFT"] * 3 and not model.training
+    # the same forward on the same padded batch, recomputed: within eps * (48 tokens x 64 wide)
+    # * |loss| = 4.1e-3 at a loss of 6.1 (a kernel may sum in another order); measured 0
+    assert engine == pytest.approx(hand, rel=0, abs=rounding_bound(torch.float32, 48 * 64, hand))

@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 import matplotlib.pyplot as plt
 import torch
 
-from negpref import losses
 from negpref.config import config_to_dict, require
-from negpref.data import collate, encode_qa
 from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
-from negpref.logprobs import sequence_logps
 from negpref.models import build_tokenizer, tiny_llama
 from negpref.report import Section, write_html_report
 from negpref.u2a import (
@@ -41,6 +38,8 @@ from negpref.u2a import (
     weighted_unlearn,
 )
 from negpref.u2a.report import gains_figure, png, settings_section
+from negpref.unlearn.dataset import build_data
+from negpref.unlearn.trainer import train_in_memory
 
 GOOD = ("great", "kind", "helpful", "safe", "honest", "calm", "clear", "gentle")
 BAD = ("awful", "rude", "harmful", "toxic", "cruel", "nasty", "vile", "mean")
@@ -120,24 +119,32 @@ def make_task(seed: int = 0, n_mostly_bad: int = 24, n_mostly_good: int = 40) ->
 def pretrain(
     task: ToyTask, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 3e-3
 ):
-    """Tokenizer + tiny Llama trained (answer-token NLL) on the corpus and the negatives."""
+    """Tokenizer + tiny Llama fine-tuned on the corpus and the negatives: the unlearning
+    engine's ``SFT`` preset (answer-token NLL), constant learning rate, AdamW with torch's
+    default decay 0.01, no clipping."""
     pairs = task.corpus + [
         {"prompt": n["prompt"], "response": n["response"]} for n in task.negatives
     ]
     texts = [f"{p['prompt']} {p['response']}" for p in pairs]
     tokenizer = build_tokenizer(texts, vocab_size=600)
     model = tiny_llama(len(tokenizer), seed=seed)
-    encoded = [encode_qa(tokenizer, p["prompt"], p["response"], MAX_LENGTH) for p in pairs]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        out = sequence_logps(model, collate([encoded[i] for i in idx], tokenizer.pad_token_id))
-        loss = losses.nll(out.logps, out.n_tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    if steps:
+        records = [{"question": p["prompt"], "answer": p["response"]} for p in pairs]
+        train_in_memory(
+            model,
+            tokenizer,
+            build_data(tokenizer, records, None, None, MAX_LENGTH, seed),
+            method="SFT",
+            learning_rate=lr,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=1,
+            weight_decay=0.01,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            warmup_epochs=0.0,
+            seed=seed,
+        )
     model.eval()
     return model, tokenizer
 

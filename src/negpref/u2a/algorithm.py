@@ -149,10 +149,17 @@ def weighted_unlearn(
 ) -> float:
     """``steps`` optimizer steps on ``sum_S w_i l_i + retain + lambda ||theta - theta0||^2``.
 
-    Each step sees a minibatch ``B`` drawn without replacement from ``S``;
-    ``|S|/|B| * sum_B w_i l_i`` is an unbiased estimate of the weighted sum (exact when
-    ``|B| = |S|``). Returns the last step's objective.
+    A task with an ``unlearn`` method (``LMForgetTask``: language models) trains on the
+    unlearning engine, ``UnlearnTrainer``, seeded by one draw from ``generator`` (so a resumed
+    run draws the same); its docstring states how that objective relates to eq. 8. Other tasks
+    (the closed-form synthetic problem) take plain steps here: each sees a minibatch ``B``
+    drawn without replacement from ``S``; ``|S|/|B| * sum_B w_i l_i`` is an unbiased estimate
+    of the weighted sum (exact when ``|B| = |S|``). Returns the last step's objective.
     """
+    engine = getattr(task, "unlearn", None)
+    if engine is not None:
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        return engine(model, support, weights, theta0, cfg, steps, seed)
     params = list(trainable(model).values())
     if cfg.inner_optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.inner_learning_rate, weight_decay=0.0)

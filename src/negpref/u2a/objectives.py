@@ -3,7 +3,8 @@ alignment objectives ``J``.
 
 - ``LMForgetTask``: negatives (prompt + bad response) with the unlearning registry's GA, GA+RT,
   NPO or NPO+RT (``negpref.unlearn.objectives``: its forget losses and retain NLL, weighted per
-  sample) on ``negpref.logprobs.sequence_logps``.
+  sample) on ``negpref.logprobs.sequence_logps``; its inner unlearning (``unlearn``) is the
+  unlearning engine, ``UnlearnTrainer``, with the preset of that name.
 - ``NegDPOObjective``: ``J = -DPO loss`` on a held-out preference set, reference log-probs
   precomputed at ``theta_0`` (the objective of the authors' code).
 - ``RewardObjective``: ``J = E[r(x, y)]`` over the model's own samples ``y ~ pi(.|x)``, with
@@ -24,9 +25,10 @@ from negpref.data.records import PROMPT, check_kinds, place
 from negpref.errors import NegprefError
 from negpref.generation import Sampling, generate_ids, prompt_ids
 from negpref.logprobs import sequence_logps
-from negpref.u2a.config import u2a_method
+from negpref.u2a.config import U2AConfig, u2a_method
 from negpref.u2a.implicit import grads_of
 from negpref.u2a.types import Grads
+from negpref.unlearn.dataset import UnlearnData
 from negpref.unlearn.objectives import (
     PRESETS,
     GroupLogps,
@@ -34,6 +36,7 @@ from negpref.unlearn.objectives import (
     StepLogps,
     forget_loss_for,
 )
+from negpref.unlearn.trainer import last_logged, train_in_memory
 
 # the field pairs accepted for a negative sample: (prompt field, bad-response field)
 NEGATIVE_SCHEMAS = (("prompt", "response"), ("question", "answer"), ("prompt", "rejected"))
@@ -139,7 +142,7 @@ class LMForgetTask:
             beta=npo_beta,
             gamma=preset.gamma,
         )
-        self.batch_size = batch_size
+        self.batch_size, self.tokenizer = batch_size, tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.device = next(model.parameters()).device
         pairs = [(n["prompt"], n["response"]) for n in negatives]
@@ -169,6 +172,72 @@ class LMForgetTask:
         forget = GroupLogps(out.logps, out.n_tokens, ref_logps=batch.get("ref_logps"))
         step = StepLogps({"forget": forget}, weights)
         return self.objective.forget_loss.fn(step, self.objective.beta, self.objective.gamma)
+
+    def unlearn(
+        self,
+        model,
+        support: Sequence[int],
+        weights: torch.Tensor,
+        theta0: Grads,
+        cfg: U2AConfig,
+        steps: int,
+        seed: int,
+    ) -> float:
+        """The inner problem on the unlearning engine: ``steps`` optimizer steps of
+        ``UnlearnTrainer`` with this task's preset on the support, the simplex ``weights`` as
+        per-record forget weights, ``cfg.reg_lambda * ||theta - theta0||^2`` as the trainer's
+        proximal term, no dropout, the optimizer ``cfg.inner_optimizer`` (AdamW without decay,
+        or plain SGD) at a constant ``cfg.inner_learning_rate``, no clipping. Returns the last
+        step's objective.
+
+        How it relates to eq. 8 of the U2A paper, ``sum_S w_i l_i + lambda ||theta-theta0||^2``:
+        a step on minibatch ``B`` of ``S`` (``|B| = min(batch_size, |S|)``, a seeded
+        permutation stream of ``S``) minimises ``sum_B w_i l_i / sum_B w_i`` (the engine's
+        weighted reduction) ``+ c_rt * L_RT`` on ``|B|`` retain partners (+RT presets) ``+
+        lambda ||theta - theta0||^2``. Because ``sum_S w_i = 1`` on the simplex, the forget term
+        equals eq. 8's ``sum_S w_i l_i`` exactly when ``|B| = |S|``; for ``|B| < |S|`` it is
+        the self-normalised (ratio) estimate of it, where ``weighted_unlearn``'s loop for
+        closed-form tasks takes the unbiased ``|S|/|B| sum_B w_i l_i``: the two differ by the
+        factor ``|S|/|B| sum_B w_i`` per batch, whose mean over batches is 1. The marginal gains and the weight updates
+        (eqs. 9-12) are unchanged; only theta*(w) is approximated by these steps.
+        """
+        if steps == 0:
+            return float("nan")
+        support = list(support)
+        ref = (
+            {"forget": self.ref_logps[support].float().cpu()} if self.ref_logps is not None else {}
+        )
+        data = UnlearnData(
+            forget=[self.encoded[i] for i in support],
+            refusal=[],
+            retain=self.retain,
+            weights=torch.as_tensor(weights, dtype=torch.float32).cpu(),
+            seed=seed,
+            truncated={},
+            ref_logps=ref,
+        )
+        trainer = train_in_memory(
+            model,
+            self.tokenizer,
+            data,
+            method=self.method,
+            beta=self.objective.beta,
+            c_rt=self.objective.c_rt,
+            learning_rate=cfg.inner_learning_rate,
+            optim="sgd" if cfg.inner_optimizer == "sgd" else "adamw_torch",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            warmup_epochs=0.0,
+            max_steps=steps,
+            per_device_train_batch_size=min(cfg.batch_size, len(support)),
+            gradient_accumulation_steps=1,
+            seed=seed,
+            proximal_lambda=cfg.reg_lambda,
+            proximal_anchor=theta0,
+            dropout=False,  # the gains differentiate the eval-mode loss: train that one
+        )
+        return last_logged(trainer)
 
     def retain_loss(self, model, step: int) -> torch.Tensor | None:
         """``c_rt`` times the registry's retain NLL on the ``step``-th retain minibatch

@@ -12,6 +12,9 @@ forget/refusal sequence are computed once before training and looked up per step
 terms and the losses that read reference *logits* (UNDIAL) or activations (RMU), and with
 ``ref_mode="live"``. With LoRA the reference is the policy with its adapters switched off;
 otherwise a frozen copy.
+
+``train_in_memory`` trains a model in place without a run directory: U2A's inner weighted
+unlearning and the studies' fine-tuning (method ``SFT``) go through it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import tempfile
+from collections.abc import Sequence
 
 import torch
 
@@ -146,6 +151,15 @@ class UnlearnTrainer(NegprefTrainer):
     ``num_train_epochs`` passes over the forget set at the effective batch
     (``per_device_train_batch_size x gradient_accumulation_steps x processes``), rounded down;
     warm-up is ``warmup_epochs`` of them unless ``warmup_steps`` is set.
+
+    ``proximal_lambda > 0`` adds ``proximal_lambda * ||theta - anchor||^2`` to every
+    micro-batch's loss (U2A's inner regulariser, eq. 8), ``theta`` the trainable parameters in
+    ``model.parameters()`` order and ``anchor`` ``proximal_anchor`` (same order and shapes;
+    default: their values when the trainer is built). The Trainer divides each micro-batch's
+    loss by ``gradient_accumulation_steps``, so a step's objective holds the term once. The
+    parameters are compared as the module holds them: not under FSDP/DeepSpeed sharding.
+    ``dropout=False`` runs the policy forward in eval mode: the loss is then the deterministic
+    function of the weights that U2A's marginal gains differentiate.
     """
 
     def __init__(
@@ -158,6 +172,9 @@ class UnlearnTrainer(NegprefTrainer):
         processing_class=None,
         callbacks=None,
         data: UnlearnData | None = None,
+        proximal_lambda: float = 0.0,
+        proximal_anchor: Sequence[torch.Tensor] | None = None,
+        dropout: bool = True,
     ):
         if processing_class is None:
             raise NegprefError("UnlearnTrainer: pass the tokenizer as processing_class")
@@ -182,6 +199,10 @@ class UnlearnTrainer(NegprefTrainer):
             model = add_lora(model, args)
         check_model_settings(model, args, objective)
         restrict_trainable(model, args.trainable_params)
+        self.proximal_lambda, self.dropout = float(proximal_lambda), dropout
+        self.proximal_params, self.proximal_anchor = self._proximal(
+            model, proximal_lambda, proximal_anchor
+        )
         self.live_ref_groups = tuple(
             g
             for g in objective.groups
@@ -208,6 +229,27 @@ class UnlearnTrainer(NegprefTrainer):
         self.fingerprint = data.fingerprint()
         if self.frozen_ref is not None:
             self.frozen_ref.to(self.args.device)
+        self.proximal_anchor = [a.to(self.args.device) for a in self.proximal_anchor]
+
+    @staticmethod
+    def _proximal(model, strength: float, anchor) -> tuple[list, list]:
+        """The trainable parameters and the anchor of the proximal term (both empty when off)."""
+        if not strength >= 0:
+            raise NegprefError(f"proximal_lambda: must be >= 0, got {strength}")
+        if strength == 0:
+            return [], []
+        params = [p for p in model.parameters() if p.requires_grad]
+        if anchor is None:
+            return params, [p.detach().clone() for p in params]
+        anchor = [a.detach() for a in anchor]
+        shapes = [tuple(p.shape) for p in params]
+        if [tuple(a.shape) for a in anchor] != shapes:
+            raise NegprefError(
+                f"proximal_anchor: {len(anchor)} tensors do not match the {len(params)} "
+                "trainable parameters in model.parameters() order and shape; pass one per "
+                "trainable parameter"
+            )
+        return params, anchor
 
     # --- data -------------------------------------------------------------------------------
     @property
@@ -300,16 +342,14 @@ class UnlearnTrainer(NegprefTrainer):
         """Eq. 17 on one micro-batch: every group through ONE policy forward."""
         objective = self.objective
         groups = objective.groups
-        step = split_groups(
-            sequence_logps(
+        with contextlib.nullcontext() if self.dropout else eval_mode(model):
+            policy = sequence_logps(
                 model,
                 inputs["policy"],
                 keep_logits=objective.needs_logits,
                 hidden_layer=self._hidden_layer(objective.hidden_groups),
-            ),
-            groups,
-            inputs["sizes"],
-        )
+            )
+        step = split_groups(policy, groups, inputs["sizes"])
         if self.live_ref_groups:
             ref = split_groups(
                 self.reference_forward(
@@ -328,6 +368,12 @@ class UnlearnTrainer(NegprefTrainer):
         for g in self.precomputed_groups:
             step[g].ref_logps = inputs["ref_logps"][g]
         loss, parts = objective(StepLogps(step, inputs.get("weights")))
+        if self.proximal_lambda:
+            proximal = sum(
+                ((p - a) ** 2).sum() for p, a in zip(self.proximal_params, self.proximal_anchor)
+            )
+            loss = loss + self.proximal_lambda * proximal
+            parts["loss/proximal"] = proximal.detach()
         tokens = inputs["policy"]["attention_mask"].sum().float()
         self.store_metrics({"loss": loss.detach(), **parts, **self._logp_stats(step)})
         self.store_metrics({"tokens": tokens})
@@ -346,3 +392,50 @@ class UnlearnTrainer(NegprefTrainer):
         if "retain" in step:
             stats["nll/retain"] = self.objective.retain_nll(step["retain"]).detach()
         return stats
+
+
+# Settings of a training with no run directory: nothing written, tracked or printed, every
+# step's figures in ``trainer.state.log_history``, no autocast (the caller's dtype, as its own
+# gradient computations see the model).
+IN_MEMORY = {
+    "save_strategy": "no",
+    "save_model": False,
+    "report_to": "none",
+    "verbosity": "quiet",
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "mixed_precision": "no",
+}
+
+
+def train_in_memory(model, tokenizer, data: UnlearnData, **options) -> UnlearnTrainer:
+    """Train ``model`` in place on ``data`` with ``UnlearnTrainer``; returns the trainer.
+
+    ``options`` are ``UnlearnConfig`` fields (over ``IN_MEMORY``; ``use_cpu`` defaults to where
+    the model is) and the trainer's ``proximal_lambda`` / ``proximal_anchor`` / ``dropout``.
+    The reference log-probs the method reads must be in ``data.ref_logps``. Transformers' Trainer writes
+    nothing with these settings, but wants an ``output_dir``: a temporary folder, removed after.
+    The model's train/eval mode is restored after training.
+    """
+    trainer_options = {
+        k: options.pop(k) for k in ("proximal_lambda", "proximal_anchor", "dropout") if k in options
+    }
+    options.setdefault("use_cpu", next(model.parameters()).device.type == "cpu")
+    was_training = model.training
+    with tempfile.TemporaryDirectory(prefix="negpref-train-") as out:
+        config = UnlearnConfig(**{**IN_MEMORY, **options, "output_dir": out})
+        trainer = UnlearnTrainer(
+            model, config, processing_class=tokenizer, data=data, **trainer_options
+        )
+        try:
+            trainer.train()
+        finally:
+            model.train(was_training)
+    return trainer
+
+
+def last_logged(trainer: UnlearnTrainer, key: str = "loss") -> float:
+    """The last logged value of ``key`` (with ``logging_steps=1``: the last step's)."""
+    return next(
+        (row[key] for row in reversed(trainer.state.log_history) if key in row), float("nan")
+    )
