@@ -112,6 +112,21 @@ def check_lora_targets(model, targets: list[str], flag: str) -> None:
         )
 
 
+def add_lora(model, args):
+    """``model`` with LoRA adapters per a training config's ``lora_*`` fields (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
 def ensure_pad_token(tokenizer) -> None:
     """Batches need a pad id; fall back to EOS (masked out of every loss anyway)."""
     if tokenizer.pad_token_id is None:

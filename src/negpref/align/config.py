@@ -42,14 +42,6 @@ class AlignConfig(NegprefTrainingArguments):
     per_device_train_batch_size: int = field(
         default=8, metadata=_f("prompts per micro-batch per process")
     )
-    save_strategy: str = field(
-        default="epoch",
-        metadata=_f(
-            "checkpoint at each data epoch end ('epoch'), every save_steps steps ('steps') or "
-            "never ('no'); always at the last step unless 'no'",
-            choices=["epoch", "steps", "no"],
-        ),
-    )
     optim: str = field(
         default="adamw_torch_fused",
         metadata=_f("optimizer; the fused AdamW kernel skips per-parameter temporaries"),

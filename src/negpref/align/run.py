@@ -26,21 +26,11 @@ from negpref.models import ModelSpec, load_model, save_model
 from negpref.rewards import reward_function
 from negpref.training import checkpoint as ckpt
 from negpref.training.checkpoint import Resumable, resumable_checkpoint
+from negpref.training.config import TRAINING_RESUMABLE_CHANGES
 from negpref.training.run_log import RunCallback, RunLog
 
 # Fields that may differ between a run and its --resume without changing what it computes.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "resume",
-        "overwrite",
-        "save_strategy",
-        "save_steps",
-        "save_total_limit",
-        "output_dir",
-        "verbosity",
-        "report_to",
-    }
-)
+RESUMABLE_CHANGES = TRAINING_RESUMABLE_CHANGES | {"eval_every"}
 
 CURVES = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen")
 

@@ -50,6 +50,7 @@ from negpref.logprobs import (
     shared_prompt_logps,
     split_answer,
 )
+from negpref.models import add_lora
 from negpref.training.trainer import NegprefTrainer, plan_steps
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,6 @@ class Candidates:
 
     encoded: list[Encoded]
     ref_logps: torch.Tensor
-
-
-def apply_lora(model, config: AlignConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = config.lora_target_modules
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 class PromptStream(torch.utils.data.Dataset):
@@ -128,7 +115,7 @@ class AlignTrainer(NegprefTrainer):
             processing_class, data.records, args.max_length, data.source
         )
         if args.lora and not hasattr(model, "peft_config"):
-            model = apply_lora(model, args)
+            model = add_lora(model, args)
         # OnMC-PO needs reference log-probs of new completions during training: LoRA gets them
         # with the adapters disabled, full fine-tuning from a frozen copy of the start model.
         self.ref_model = None

@@ -20,6 +20,20 @@ from transformers import TrainingArguments
 from negpref.config import require
 from negpref.errors import NegprefError
 
+# Fields a ``resume`` may change without changing what the run computes (verbs add theirs).
+TRAINING_RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "output_dir",
+        "verbosity",
+        "report_to",
+    }
+)
+
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
@@ -41,6 +55,15 @@ class NegprefTrainingArguments(TrainingArguments):
     report_to: str | list[str] | None = field(
         default_factory=lambda: ["tensorboard"],
         metadata=_help("trackers (TensorBoard in OUT/tensorboard by default; 'none' = off)"),
+    )
+    save_strategy: str = field(
+        default="epoch",
+        metadata=_help(
+            "checkpoint at each data epoch end ('epoch': a pass over the forget set or the "
+            "preference data), every save_steps steps ('steps') or never ('no'); always at the "
+            "last step unless 'no'",
+            choices=["epoch", "steps", "no"],
+        ),
     )
     save_total_limit: int | None = field(
         default=2,

@@ -10,24 +10,15 @@ from negpref.config import require
 from negpref.conventions import CONVENTIONS, DEFAULT, get_conventions
 from negpref.data.qa import PromptFormat, prompt_field, prompt_from_config
 from negpref.errors import NegprefError
-from negpref.training.config import NegprefTrainingArguments, _help
+from negpref.training.config import (
+    TRAINING_RESUMABLE_CHANGES,
+    NegprefTrainingArguments,
+    _help,
+)
 from negpref.unlearn.objectives import PRESETS, Objective, canonical_preset, forget_loss_for
 
 # Fields that may change between a run and its --resume without changing what it computes.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "resume",
-        "overwrite",
-        "save_strategy",
-        "save_steps",
-        "save_total_limit",
-        "eval_every",
-        "output_dir",
-        "merge",
-        "verbosity",
-        "report_to",
-    }
-)
+RESUMABLE_CHANGES = TRAINING_RESUMABLE_CHANGES | {"eval_every", "merge"}
 
 
 @dataclass
@@ -56,14 +47,6 @@ class UnlearnConfig(NegprefTrainingArguments):
     )
     max_grad_norm: float = field(
         default=1.0, metadata=_help("gradient clipping norm (0 = no clipping)")
-    )
-    save_strategy: str = field(
-        default="epoch",
-        metadata=_help(
-            "checkpoint at each forget-set epoch end ('epoch'), every save_steps steps "
-            "('steps') or never ('no'); always at the last step unless 'no'",
-            choices=["epoch", "steps", "no"],
-        ),
     )
     warmup_epochs: float = field(
         default=1.0,

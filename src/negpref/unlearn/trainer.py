@@ -30,7 +30,7 @@ import torch
 from negpref import losses
 from negpref.errors import NegprefError
 from negpref.logprobs import SequenceLogps, batched_logps, sequence_logps
-from negpref.models import as_trainable
+from negpref.models import add_lora, as_trainable
 from negpref.training.run_log import eval_mode
 from negpref.training.trainer import NegprefTrainer, plan_steps
 from negpref.unlearn.config import UnlearnConfig
@@ -41,34 +41,6 @@ from negpref.unlearn.dataset import (
     load_qa,
 )
 from negpref.unlearn.objectives import GroupLogps, Objective, StepLogps
-
-
-def add_lora(model, config: UnlearnConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = config.lora_target_modules
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on weights but not on biases and norms, as transformers' Trainer does."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
-    no_decay = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], no_decay))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
