@@ -271,13 +271,14 @@ class UnlearnTrainer(NegprefTrainer):
 
     def precompute_reference(self, progress: bool = False) -> None:
         """Reference log-probs of every sequence the loss compares, once, before any step;
-        processes share the work (``batched_logps`` on each shard) and gather."""
+        processes share the work (``batched_logps`` on consecutive shards of the length-sorted
+        sequences, so every batch is one a single process runs too) and gather."""
         acc = self.accelerator
         for group in self.precomputed_groups:
             encoded = self.data.group(group)
-            with acc.split_between_processes(
-                list(range(len(encoded))), apply_padding=True
-            ) as shard:
+            # Shards of the length-sorted order: any process count pads and batches alike.
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+            with acc.split_between_processes(order, apply_padding=True) as shard:
                 with self.reference_model() as model:
                     local_values, _ = batched_logps(
                         model,
