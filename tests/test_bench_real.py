@@ -1,0 +1,69 @@
+"""``negpref bench step-cost`` on a random model and on a saved model directory (--model)."""
+
+import argparse
+
+import pytest
+
+from negpref.bench import step_cost
+from negpref.errors import NegprefError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--hidden", "64", "--layers", "1", "--vocab", "256", "--batch", "2", "--seq-len", "24",
+        "--items", "4", "--reps", "2"]  # fmt: skip
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    step_cost.add_arguments(parser)
+    args = parser.parse_args(argv)
+    step_cost.check(args)
+    return args
+
+
+def test_step_cost_reports_every_mode_and_ratios_of_its_step_times():
+    figures = step_cost.run(parse(TINY))
+    step = {mode: figures[f"{mode}_step_s"] for mode in step_cost.MODES}
+    assert all(t > 0 for t in step.values()), step
+    assert set(figures["peak_mem_mb"]) == set(step_cost.MODES)
+    # the ratios are the same two medians divided: equal up to float rounding (approx's 1e-6)
+    assert figures["npo_rt_precomputed_over_ga"] == pytest.approx(
+        step["npo_rt_precomputed"] / step["ga"]
+    )
+    assert figures["npo_rt_live_over_npo_rt_precomputed"] == pytest.approx(
+        step["npo_rt_live"] / step["npo_rt_precomputed"]
+    )
+    assert figures["npo_precomputed_over_ga"] == pytest.approx(step["npo_precomputed"] / step["ga"])
+    # both precomputed modes computed their reference table; live modes and GA have none
+    assert set(figures["precompute_s_by_mode"]) == {"npo_precomputed", "npo_rt_precomputed"}
+    assert figures["precompute_s"] == figures["precompute_s_by_mode"]["npo_precomputed"] > 0
+    # NPO+RT adds the retain sequences to the policy forward: more activations than NPO alone
+    assert figures["peak_mem_mb"]["npo_rt_precomputed"] > figures["peak_mem_mb"]["npo_precomputed"]
+    setup = figures["setup"]
+    assert setup["model"] == "random" and setup["vocab"] == 256 and setup["hidden"] == 64
+    assert setup["cpu_model"] and setup["threads"] == 1
+
+
+def test_step_cost_loads_a_saved_model_directory(tmp_path):
+    from negpref.models import build_tokenizer, save_model, tiny_llama
+
+    tokenizer = build_tokenizer([f"item {i} is number {i * 7}" for i in range(50)], 300)
+    model = tiny_llama(len(tokenizer), seed=3)
+    save_model(model, tokenizer, tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--modes", "ga,npo_rt_live", "--batch", "2",
+            "--seq-len", "24", "--items", "4", "--reps", "2"]  # fmt: skip
+    figures = step_cost.run(parse(argv))
+    setup = figures["setup"]
+    assert setup["model"] == str(tmp_path / "model")
+    assert setup["vocab"] == len(tokenizer) and setup["hidden"] == 64  # the saved model's
+    assert setup["parameters"] == sum(p.numel() for p in model.parameters())
+    assert setup["modes"] == ["ga", "npo_rt_live"]
+    assert figures["ga_step_s"] > 0 and figures["npo_rt_live_step_s"] > 0
+    assert "npo_live_step_s" not in figures  # not run
+    assert figures["npo_rt_live_over_npo_rt_precomputed"] is None  # one side not run
+
+
+def test_step_cost_modes_names_the_valid_ones():
+    with pytest.raises(NegprefError, match=r"--modes: unknown mode.*npo_rt_live") as err:
+        parse([*TINY, "--modes", "ga,npo_fast"])
+    assert "npo_fast" in str(err.value)
