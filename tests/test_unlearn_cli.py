@@ -328,7 +328,8 @@ def test_bench_step_cost_reports_every_mode(capsys):
     for key in ("ga_step_s", "npo_precomputed_step_s", "npo_live_step_s", "precompute_s"):
         assert figures[key] > 0, key
     peak = figures["peak_mem_mb"]
-    assert set(peak) == {"ga", "npo_precomputed", "npo_live", "ga_lora", "npo_live_lora"}
+    assert set(peak) == {"ga", "npo_precomputed", "npo_live", "ga_lora", "npo_live_lora",
+                         "npo_rt_precomputed", "npo_rt_live"}  # fmt: skip
     # Without LoRA a live reference is a second copy of the model; with LoRA it is not.
     model_mb = (256 * 64 + 64 * 64 * 4 + 3 * 64 * 256 + 3 * 64) * 4 / 2**20
     assert peak["npo_live"] - peak["ga"] >= 0.9 * model_mb
