@@ -37,6 +37,13 @@ def _no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _float32_default(monkeypatch):
+    """Every figure a test checks is float32 on any CPU: ``auto`` would choose bf16 on one with
+    AMX-BF16 (``negpref.models.cpu_native_bf16``). The bf16 tests set the variable to 1."""
+    monkeypatch.setenv("NEGPREF_CPU_BF16", "0")
+
+
 def write_tiny_unlearn_inputs(root):
     """A tiny random Llama (``root/model``) and 8 TOFU forget01 / retain90 records each
     (``root/forget.jsonl``, ``root/retain.jsonl``): what the run-level tests unlearn."""

@@ -9,6 +9,7 @@ with one line naming the flag: truncated weights, a tokenizer larger than the em
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -34,16 +35,59 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
+# x86 flags of native bf16 arithmetic (Linux /proc/cpuinfo names).
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_BF16_ENV = "NEGPREF_CPU_BF16"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16); ``$NEGPREF_CPU_BF16``
+    (1 or 0) overrides the detection.
+
+    Without those instructions bf16 is emulated and slower than float32: on an AVX2-only AMD
+    EPYC a SmolLM2-135M forward (8x80 tokens, 2 threads) took 11.3 s under bf16 autocast
+    against 2.3 s in float32. With AMX it took 0.38 s against 0.7 s.
+    """
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise NegprefError(f"${CPU_BF16_ENV}={forced!r}: must be 1 (use bf16) or 0 (do not)")
+        return forced == "1"
+    return any(flag in _cpu_flags() for flag in _BF16_CPU_FLAGS)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 natively: a bf16 GPU, or a CPU per :func:`cpu_native_bf16`."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dev.type == "cpu" and cpu_native_bf16()
+
+
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it, float32 elsewhere."""
+    """``auto`` is bf16 where ``device`` computes it natively (:func:`native_bf16`), float32
+    elsewhere. Training loads float32 masters instead (``training_dtype``)."""
     if dtype == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in _DTYPES:
         raise NegprefError(f"--dtype: must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def training_dtype(dtype: str) -> str:
+    """The weights dtype a training run loads: ``auto`` means float32 masters (bf16 weights
+    would round lr-1e-5 updates away; the speed comes from autocast instead)."""
+    return "float32" if dtype == "auto" else dtype
 
 
 def _check_local_dir(path: Path, allow_pickle: bool) -> None:

@@ -22,7 +22,7 @@ from negpref.data.preference import FieldNames, PreferenceData, load_preferences
 from negpref.data.records import PROMPT, load_records
 from negpref.errors import NegprefError
 from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
-from negpref.models import ModelSpec, load_model, save_model
+from negpref.models import ModelSpec, load_model, save_model, training_dtype
 from negpref.rewards import reward_function
 from negpref.training import checkpoint as ckpt
 from negpref.training.checkpoint import Resumable, resumable_checkpoint
@@ -150,7 +150,14 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
     if model is None:
         if not (config.model or config.gguf):
             raise NegprefError("model: give the policy model directory (or gguf: a GGUF file)")
-        model, tokenizer = load_model(ModelSpec(config.model, config.gguf, config.dtype))
+        spec = ModelSpec(
+            config.model,
+            config.gguf,
+            training_dtype(config.dtype),
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+        )
+        model, tokenizer = load_model(spec)
     from accelerate import PartialState
 
     processes = PartialState()

@@ -357,10 +357,12 @@ class AlignTrainer(NegprefTrainer):
             cfg.gen_max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.gen_top_k,
             cfg.num_generations,
         )  # fmt: skip
-        texts = generate(
-            self.unwrapped, self.tokenizer, prompts, sampling, cfg.max_length,
-            batch_size=cfg.per_device_train_batch_size * 2, seed=cfg.seed * 100_003 + round_index,
-        )  # fmt: skip
+        with self.accelerator.autocast():
+            texts = generate(
+                self.unwrapped, self.tokenizer, prompts, sampling, cfg.max_length,
+                batch_size=cfg.per_device_train_batch_size * 2,
+                seed=cfg.seed * 100_003 + round_index,
+            )  # fmt: skip
         kept = {}
         for i, completions in zip(indices, texts, strict=True):
             chosen = self.items[i].record.chosen.strip()

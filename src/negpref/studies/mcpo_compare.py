@@ -114,6 +114,7 @@ def sft(model, tokenizer, examples: list[dict], steps: int, lr: float, seed: int
             max_length=128,
             seed=seed,
             use_cpu=True,
+            mixed_precision="no",  # figures independent of the CPU (no bf16 on AMX)
             output_dir=f"{tmp}/sft",
             save_strategy="no",
             save_model=False,
@@ -138,6 +139,7 @@ def _config(settings: CompareSettings, variant: str, seed: int) -> AlignConfig:
             "eval_max_new_tokens": settings.max_new_tokens,
             "max_length": 128,
             "use_cpu": True,
+            "mixed_precision": "no",  # figures independent of the CPU
             "save_strategy": "no",
             "report_to": "none",
             "verbosity": "quiet",

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from negpref.config import require
 from negpref.errors import NegprefError
+from negpref.models import native_bf16
 
 # Fields a ``resume`` may change without changing what the run computes (verbs add theirs).
 TRAINING_RESUMABLE_CHANGES = frozenset(
@@ -90,16 +91,17 @@ class NegprefTrainingArguments(TrainingArguments):
     dtype: str = field(
         default="auto",
         metadata=_help(
-            "weights dtype; auto = float32 weights (bf16 would round small updates away)",
+            "weights dtype; auto = float32 masters (bf16 weights would round small updates away)",
             choices=["auto", "float32", "bfloat16", "float16"],
         ),
     )
     mixed_precision: str = field(
         default="auto",
         metadata=_help(
-            "autocast (sets bf16): auto = bf16 on a bf16 GPU with dtype auto, else none; "
-            "bf16 = bf16 autocast on any device (CPUs with AVX512-BF16/AMX run it natively); "
-            "no = none",
+            "bf16 autocast of every forward (training, reference precompute, scoring, "
+            "evaluation): auto = on where the device computes bf16 natively (a bf16 GPU, or a "
+            "CPU with AMX-BF16 / AVX512-BF16; $NEGPREF_CPU_BF16=0/1 overrides) and dtype is "
+            "auto; bf16 = on anywhere (emulated bf16 is slower than float32); no = off",
             choices=["auto", "bf16", "no"],
         ),
     )
@@ -144,12 +146,9 @@ class NegprefTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_shared()
+        device = "cpu" if self.use_cpu or not torch.cuda.is_available() else "cuda"
         bf16 = self.mixed_precision == "bf16" or (
-            self.mixed_precision == "auto"
-            and self.dtype == "auto"
-            and torch.cuda.is_available()
-            and not self.use_cpu
-            and torch.cuda.is_bf16_supported()
+            self.mixed_precision == "auto" and self.dtype == "auto" and native_bf16(device)
         )
         self.bf16 = self.bf16 or bf16
         if not torch.cuda.is_available():  # pinned memory only speeds copies to a GPU

@@ -92,7 +92,8 @@ class RunCallback(TrainerCallback):
         if trainer.accelerator.is_main_process:
             for cb in self.callbacks:
                 if hasattr(cb, "on_evaluate"):
-                    with eval_mode(trainer.unwrapped) as m:
+                    # evaluations run in the training's precision (bf16 autocast or not)
+                    with eval_mode(trainer.unwrapped) as m, trainer.accelerator.autocast():
                         values = cb.on_evaluate(self._state(step), m, trainer.processing_class)
                     record = {"step": step, "epoch": trainer.epoch_of(step), **(values or {})}
                     self.run_log.evaluation(record)

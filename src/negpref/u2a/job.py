@@ -92,9 +92,10 @@ def _load_model(cfg: U2ARunConfig):
     """The model with its trainable parameters (LoRA adapters, or all weights) and tokenizer."""
     from transformers import set_seed
 
-    from negpref.models import ModelSpec, check_lora_targets, load_model
+    from negpref.models import ModelSpec, check_lora_targets, load_model, training_dtype
 
-    model, tokenizer = load_model(ModelSpec(cfg.model, cfg.gguf or None, cfg.dtype), cfg.device)
+    spec = ModelSpec(cfg.model, cfg.gguf or None, training_dtype(cfg.dtype))
+    model, tokenizer = load_model(spec, cfg.device)
     set_seed(cfg.seed)  # the LoRA initialisation and any sampling follow the seed
     if not cfg.lora:
         model.requires_grad_(True)

@@ -41,6 +41,7 @@ from negpref.models import (
     ensure_pad_token,
     load_model,
     save_model,
+    training_dtype,
 )
 from negpref.training import checkpoint as ckpt
 from negpref.training.run_log import RunCallback, RunLog
@@ -144,8 +145,7 @@ def _load_model(config, model, tokenizer, device):
     spec = ModelSpec(
         path=config.model,
         gguf=config.gguf,
-        # bf16 weights would round lr-1e-5 updates away: keep float32 masters, autocast instead.
-        dtype="float32" if config.dtype == "auto" else config.dtype,
+        dtype=training_dtype(config.dtype),
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
     )

@@ -105,6 +105,7 @@ def train_model(records: list[dict], tokenizer, p: Profile, seed: int, work_dir:
         max_length=MAX_LENGTH,
         seed=seed,
         use_cpu=True,
+        mixed_precision="no",  # figures independent of the CPU (no bf16 on AMX)
         output_dir=str(work_dir),
         save_strategy="no",
         verbosity="quiet",  # the demo reports its own progress

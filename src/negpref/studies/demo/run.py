@@ -221,6 +221,7 @@ def unlearn_method(
         max_length=MAX_LENGTH,
         seed=seed,
         use_cpu=True,
+        mixed_precision="no",  # figures independent of the CPU (no bf16 on AMX)
         output_dir=str(method_dir),
         save_strategy="no",
         verbosity="quiet",  # the demo reports its own progress
