@@ -33,6 +33,8 @@ from negpref.logprobs import token_logps_from_logits
 from negpref.models import build_tokenizer, save_model, tiny_llama
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+# KL of a model against itself scored in another batch layout (tiny_llama: hidden 64, 400 tokens)
+KL_ROUNDING = rounding_bound(torch.float32, 64, math.log(400))
 OPTIONS = dict(batch_size=4, max_new_tokens=4, max_length=256)
 
 
@@ -175,10 +177,12 @@ def test_logs_are_in_tofu_format_and_consistent(logs, sets):
         sets.forget.records[1]["question"],
         sets.forget.records[1]["answer"],
     )
-    # The reference is the model itself: zero KL, no leakage against itself. The same forward
-    # of the same batch gives bitwise-equal logits, so every term p (l - l) is exactly 0
-    # (measured 0; was < 1e-6).
-    assert all(v == 0.0 for v in logs["eval_log_forget.json"]["kl_ref"].values())
+    # The reference is the model itself: zero KL up to rounding. The model scores an answer
+    # beside its paraphrase and perturbed answers, the reference the answers alone: another
+    # batch layout, so logits differ by fp32 rounding, and so does each log-prob, by at most
+    # eps * (terms of a logit: the hidden width) * log(vocab size) (measured 8.5e-9).
+    for v in logs["eval_log_forget.json"]["kl_ref"].values():
+        assert abs(v) <= KL_ROUNDING
 
 
 def test_aggregate_of_model_logs(logs):
@@ -187,7 +191,7 @@ def test_aggregate_of_model_logs(logs):
     assert 0 <= result["model_utility"] <= 1
     for kind in ("retain", "real_authors", "world_facts", "forget"):
         assert 0 < result[f"{kind}/prob"] <= 1
-    assert result["forget_kl"] == 0.0 and result["retain_kl"] == 0.0  # means of exact zeros
+    assert abs(result["forget_kl"]) <= KL_ROUNDING and abs(result["retain_kl"]) <= KL_ROUNDING
     assert result["forget_perplexity"] > 1
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         auc = result[f"mia/{attack}"]

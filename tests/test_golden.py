@@ -293,6 +293,12 @@ def assert_curves_match(family: str, case: str, got: list[dict], want: list[dict
             where = f"{family} {case} step {step} {key}"
             assert key in g, f"{where}: missing (recorded {old!r}); keys: {sorted(g)}"
             new = g[key]
+            if key == "rewards/accuracies" and step == 1:
+                # Step 1 scores the initial policy, which is the reference: every margin is
+                # rounding noise (rewards/margins, checked here, is ~0), so which pairs count as
+                # won is decided by the CPU's summation order (AVX2 and AVX-512 kernels differ).
+                assert 0.0 <= new <= 1.0, f"{where}: {new!r} is not a fraction"
+                continue
             if _is_float(old) and isinstance(new, (int, float)):
                 tol = rel * _curve_scale(want, key)
                 assert abs(new - old) <= tol, (

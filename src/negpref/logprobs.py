@@ -2,7 +2,7 @@
 
 The one place that turns logits into the 1-D tensors every loss in ``negpref.losses`` takes:
 ``sequence_logps`` (one training forward, everything a loss may read), ``answer_logps``
-(summed log-probs only, logits from the first answer position on), ``shared_prompt_logps``
+(summed log-probs only, logits from the first answer position on), ``shared_prompt_scores``
 (completions of a shared prompt continuing its key/value cache) and ``batched_logps`` (the
 no-grad scoring pass over many sequences).
 Token log-probs are ``logit[target] - logsumexp(logits)`` in float32, which avoids
@@ -100,16 +100,24 @@ def _padded(rows: list[list[int]], pad_id: int, left: bool, device):
     return ids.to(device), mask.to(device)
 
 
-def shared_prompt_logps(
-    model, prompts: list[list[int]], answers: list[list[int]], owner: list[int], pad_id, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and lengths of ``answers``, answer i continuing ``prompts[owner[i]]``.
+def shared_prompt_scores(
+    model,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    owner: list[int],
+    pad_id,
+    device,
+    keep_logits: bool = False,
+) -> SequenceLogps:
+    """Log-probs of ``answers``, answer i continuing ``prompts[owner[i]]``, aligned on the
+    answer tokens: column t of row i scores ``answers[i][t]`` (right-padded; ``targets`` are
+    the answer ids, ``logits`` with ``keep_logits``).
 
     Each prompt runs through the model once (left-padded, explicit positions); its key/value
     cache is gathered per answer and the answers attend to it. Causal attention makes this the
     concatenated forward up to float rounding, with one prompt pass per prompt instead of one
-    per completion (DPO has 2 completions per prompt, MC-PO scores K+1). The prompt's last
-    logit scores each answer's first token.
+    per completion (DPO has 2 completions per prompt, MC-PO scores K+1, a TOFU question 7).
+    The prompt's last logit scores each answer's first token.
     """
     prompt_ids, prompt_mask = _padded(prompts, pad_id, left=True, device=device)
     out = model(
@@ -131,9 +139,22 @@ def shared_prompt_logps(
         past_key_values=cache,
     )
     logits = torch.cat([out.logits[rows, -1:], continued.logits[:, :-1]], 1).float()
+    mask = answer_mask.to(logits.dtype)
     picked = logits.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
-    token_logps = (picked - logits.logsumexp(-1)) * answer_mask
-    return token_logps.sum(-1), answer_mask.sum(-1)
+    token_logps = (picked - logits.logsumexp(-1)) * mask
+    return SequenceLogps(
+        logps=token_logps.sum(-1),
+        n_tokens=mask.sum(-1),
+        token_logps=token_logps,
+        mask=mask,
+        targets=answer_ids,
+        logits=logits if keep_logits else None,
+    )
+
+
+def can_share_prompts(model) -> bool:
+    """Whether ``model``'s forward takes what :func:`shared_prompt_scores` passes."""
+    return forward_accepts(model, "logits_to_keep", "past_key_values", "position_ids")
 
 
 def answer_logps(model, batch: dict[str, torch.Tensor], trim: bool = True):

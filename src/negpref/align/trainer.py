@@ -46,8 +46,9 @@ from negpref.logprobs import (
     answer_logps,
     batch_to,
     batched_logps,
+    can_share_prompts,
     forward_accepts,
-    shared_prompt_logps,
+    shared_prompt_scores,
     split_answer,
 )
 from negpref.models import add_lora
@@ -137,9 +138,7 @@ class AlignTrainer(NegprefTrainer):
         self.trim = forward_accepts(self.model, "logits_to_keep")
         # the shared-prompt forward needs the cache, which checkpointing turns off in training
         self.share_prompt = (
-            args.share_prompt
-            and not args.gradient_checkpointing
-            and forward_accepts(self.model, "logits_to_keep", "past_key_values", "position_ids")
+            args.share_prompt and not args.gradient_checkpointing and can_share_prompts(self.model)
         )
         self.generator = torch.Generator().manual_seed(args.seed)
         self.online: dict[int, Candidates] = {}
@@ -214,7 +213,8 @@ class AlignTrainer(NegprefTrainer):
             if self.share_prompt:
                 prompts = [split_answer(self.items[i].chosen)[0] for i in indices]
                 answers = [split_answer(e)[1] for e in encoded]
-                return shared_prompt_logps(model, prompts, answers, owner, self.pad_id, device)
+                out = shared_prompt_scores(model, prompts, answers, owner, self.pad_id, device)
+                return out.logps, out.n_tokens
             batch = batch_to(collate(encoded, self.pad_id), device)
             return answer_logps(model, batch, self.trim)
 

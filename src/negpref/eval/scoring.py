@@ -20,7 +20,7 @@ from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, collate, encode_
 from negpref.errors import NegprefError
 from negpref.eval import mia
 from negpref.eval.memorization import exact_memorization, extraction_strength, greedy_matches
-from negpref.logprobs import sequence_logps
+from negpref.logprobs import can_share_prompts, sequence_logps, shared_prompt_scores, split_answer
 
 
 @dataclass
@@ -43,6 +43,22 @@ class AnswerScores:
     @property
     def n_nan(self) -> int:
         return sum(not math.isfinite(lp) for lp in self.logps)
+
+    def subset(self, start: int, stop: int) -> AnswerScores:
+        """The scores of items ``start:stop``."""
+
+        def cut(values):
+            return None if values is None else values[start:stop]
+
+        return AnswerScores(
+            logps=self.logps[start:stop],
+            n_tokens=self.n_tokens[start:stop],
+            truncated=self.truncated[start:stop],
+            mia=None if self.mia is None else {k: v[start:stop] for k, v in self.mia.items()},
+            kl_ref=cut(self.kl_ref),
+            exact_memorization=cut(self.exact_memorization),
+            extraction_strength=cut(self.extraction_strength),
+        )
 
 
 def model_device(model) -> torch.device:
@@ -85,6 +101,42 @@ def score_answers(
     )
 
 
+def _forward(model, pad_id: int, items: list[Encoded], keep_logits: bool, share: bool):
+    """Scores of ``items`` in one forward, left-aligned and right-padded: with ``share``, each
+    distinct prompt runs once and its answers continue its cache (columns = answer tokens);
+    else the concatenated sequences (columns = sequence positions). Either way a forward over a
+    subset of the rows is a prefix of the same columns."""
+    device = model_device(model)
+    if not share:
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+        return sequence_logps(model, batch, keep_logits=keep_logits)
+    prompts: dict[tuple[int, ...], int] = {}
+    owner, answers = [], []
+    for item in items:
+        prompt, answer = split_answer(item)
+        owner.append(prompts.setdefault(tuple(prompt), len(prompts)))
+        answers.append(answer)
+    return shared_prompt_scores(
+        model, [list(p) for p in prompts], answers, owner, pad_id, device, keep_logits
+    )
+
+
+def _chunks(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Item indices per forward: items sharing a prompt stay together (longest groups first,
+    so a forward pads little), up to ``batch_size`` rows unless one group is larger."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(encoded):
+        groups.setdefault(tuple(split_answer(item)[0]), []).append(i)
+    ordered = sorted(groups.values(), key=lambda g: -max(len(encoded[i].input_ids) for i in g))
+    chunks: list[list[int]] = []
+    for group in ordered:
+        if chunks and len(chunks[-1]) + len(group) <= batch_size:
+            chunks[-1].extend(group)
+        else:
+            chunks.append(list(group))
+    return chunks
+
+
 @torch.no_grad()
 def score_encoded(
     model,
@@ -97,34 +149,43 @@ def score_encoded(
     desc: str | None = None,
     conventions: Conventions | str = NPO,
     memorization: bool = False,
+    detail: Sequence[bool] | None = None,
+    share_prompts: bool = True,
 ) -> AnswerScores:
     """:func:`score_answers` on encoded items; ``scored_texts`` (the text of each item's scored
-    tokens) feed the zlib attack."""
+    tokens) feed the zlib attack. ``detail`` (default: every item) marks the items that get the
+    KL, MIA and memorization figures; the others get their log-probs only.
+
+    Items with the same prompt tokens (a TOFU question's answer, paraphrase and perturbed
+    answers) are scored in one forward that encodes the prompt once
+    (``logprobs.shared_prompt_scores``) when ``share_prompts`` and the model's forward allows;
+    the values equal the one-sequence-per-item forward up to float rounding.
+    """
     drop_eos = get_conventions(conventions).mia_drop_eos
     n = len(encoded)
+    detail = [True] * n if detail is None else list(detail)
     logps, n_tokens = [math.nan] * n, [0] * n
     scores = {name: [math.nan] * n for name in mia.ATTACKS} if mia_k is not None else None
     kl_ref = [math.nan] * n if ref_model is not None else None
     em = [math.nan] * n if memorization else None
     es = [math.nan] * n if memorization else None
-    order = sorted(range(n), key=lambda i: -len(encoded[i].input_ids))
-    device = model_device(model)
     need_logits = ref_model is not None or mia_k is not None or memorization
-    chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad_id).items()}
-        out = sequence_logps(model, batch, keep_logits=need_logits)
+    share = share_prompts and can_share_prompts(model)
+    for chunk in tqdm(_chunks(encoded, batch_size), desc=desc, disable=desc is None, leave=False):
+        keep = need_logits and any(detail[i] for i in chunk)
+        out = _forward(model, pad_id, [encoded[i] for i in chunk], keep, share)
+        detailed = [row for row, i in enumerate(chunk) if detail[i]] if keep else []
         ref_out = None
-        if ref_model is not None:
-            ref_device = model_device(ref_model)
-            ref_batch = {k: v.to(ref_device) for k, v in batch.items()}
-            ref_out = sequence_logps(ref_model, ref_batch, keep_logits=True)
-        if scores is not None:
+        if ref_model is not None and detailed:
+            ref_share = share_prompts and can_share_prompts(ref_model)
+            ref_items = [encoded[chunk[row]] for row in detailed]
+            ref_out = _forward(ref_model, pad_id, ref_items, True, ref_share)
+        if scores is not None and detailed:
             min_k_mask = mia.drop_last_answer_token(out.mask) if drop_eos else out.mask
             min_k = mia.min_k_scores(out.token_logps, min_k_mask, mia_k)
             min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, min_k_mask, mia_k)
-        if memorization:
-            matches = greedy_matches(out.logits, batch["input_ids"][:, 1:], out.mask)
+        if memorization and detailed:
+            matches = greedy_matches(out.logits, out.targets, out.mask)
             item_em = exact_memorization(matches, out.mask)
             item_es = extraction_strength(matches, out.mask)
         for row, i in enumerate(chunk):
@@ -133,6 +194,8 @@ def score_encoded(
             if not math.isfinite(lp):
                 continue  # stays NaN everywhere: counted by the caller
             logps[i] = lp
+            if not detail[i] or not keep:
+                continue
             if scores is not None:
                 mean_logp = lp / count
                 scores["loss"][i] = mean_logp
@@ -142,10 +205,12 @@ def score_encoded(
             if memorization:
                 em[i], es[i] = item_em[row].item(), item_es[row].item()
             if ref_out is not None:
+                j = detailed.index(row)
+                width = ref_out.logits.shape[1]  # the subset's columns: a prefix of the chunk's
                 kl_ref[i] = losses.kl(
-                    out.logits[row : row + 1],
-                    ref_out.logits[row : row + 1].to(device),
-                    out.mask[row : row + 1],
+                    out.logits[row : row + 1, :width],
+                    ref_out.logits[j : j + 1].to(out.logits.device),
+                    out.mask[row : row + 1, :width],
                     direction="ref||policy",
                 ).item()
     return AnswerScores(

@@ -27,7 +27,7 @@ from negpref.data import DEFAULT_PROMPT, PromptFormat, encode_qa, load_records
 from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
-from negpref.eval.scoring import AnswerScores, model_attack_scores, score_answers
+from negpref.eval.scoring import AnswerScores, model_attack_scores, score_encoded
 from negpref.eval.tofu_files import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
 from negpref.generation import greedy_generate
 
@@ -310,33 +310,41 @@ def _evaluate_set(
     def desc(what: str) -> str | None:
         return f"{kind}: {what}" if progress else None
 
-    def score(pairs, what, **extra) -> AnswerScores:
-        return score_answers(
-            model,
-            tokenizer,
-            pairs,
-            batch_size,
-            max_length,
-            desc=desc(what),
-            prompt=prompt,
-            conventions=conventions,
-            **extra,
-        )
-
-    gt = score(
-        list(zip(questions, answers)),
-        "answers",
+    # One scoring pass for every answer a question needs (its answer, paraphrase and perturbed
+    # answers continue one encoding of the question); KL, MIA and memorization on the answer.
+    has_paraphrase = "paraphrased_answer" in _REQUIRED[kind] and not answers_only
+    perturbed = [] if answers_only else _perturbed_lists(records)
+    pairs = list(zip(questions, answers))
+    if has_paraphrase:
+        pairs += [(q, r["paraphrased_answer"]) for q, r in zip(questions, records)]
+    pairs += [(q, p) for q, ps in zip(questions, perturbed) for p in ps]
+    encoded = [encode_qa(tokenizer, q, a, max_length, prompt) for q, a in pairs]
+    n = len(records)
+    scores = score_encoded(
+        model,
+        tokenizer.pad_token_id,
+        encoded,
+        [a for _, a in pairs],
+        batch_size,
         ref_model=ref_model,
         mia_k=mia_k,
+        desc=desc("answers"),
+        conventions=conventions,
         memorization=memorization,
+        detail=[i < n for i in range(len(pairs))],
     )
+    gt = scores.subset(0, n)
     log = _gt_metrics(keys, gt)
     if mia_k is not None and (mia_ref_model is not None or gradnorm):
-        encoded = [
-            encode_qa(tokenizer, q, a, max_length, prompt) for q, a in zip(questions, answers)
-        ]
         extra = model_attack_scores(
-            model, tokenizer.pad_token_id, encoded, answers, gt, batch_size, mia_ref_model, gradnorm
+            model,
+            tokenizer.pad_token_id,
+            encoded[:n],
+            answers,
+            gt,
+            batch_size,
+            mia_ref_model,
+            gradnorm,
         )
         log.update({f"mia_{attack}": dict(zip(keys, v)) for attack, v in extra.items()})
     if answers_only:
@@ -360,14 +368,9 @@ def _evaluate_set(
         log["rouge1_recall"] = dict(zip(keys, rouge1))
         log["rougeL_recall"] = dict(zip(keys, rouge_l))
 
-    if "paraphrased_answer" in _REQUIRED[kind]:
-        para = score(
-            [(q, r["paraphrased_answer"]) for q, r in zip(questions, records)], "paraphrased"
-        )
-    else:
-        para = gt  # TOFU scores real authors / world facts against the answer itself
-    perturbed = _perturbed_lists(records)
-    pert = score([(q, p) for q, ps in zip(questions, perturbed) for p in ps], "perturbed")
+    # TOFU scores real authors / world facts against the answer itself
+    para = scores.subset(n, 2 * n) if has_paraphrase else gt
+    pert = scores.subset(2 * n if has_paraphrase else n, len(pairs))
     bounds = np.cumsum([0, *(len(ps) for ps in perturbed)]).tolist()
     spans = list(itertools.pairwise(bounds))
     pert_avg = [pert.avg_losses[a:b] for a, b in spans]
