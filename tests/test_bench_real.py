@@ -1,6 +1,7 @@
 """``negpref bench step-cost`` on a random model and on a saved model directory (--model)."""
 
 import argparse
+import json
 
 import pytest
 
@@ -67,3 +68,24 @@ def test_step_cost_modes_names_the_valid_ones():
     with pytest.raises(NegprefError, match=r"--modes: unknown mode.*npo_rt_live") as err:
         parse([*TINY, "--modes", "ga,npo_fast"])
     assert "npo_fast" in str(err.value)
+
+
+def test_tofu_eval_benchmark_gives_the_naive_evaluators_figures(capsys):
+    from negpref.cli import main
+
+    argv = ["bench", "tofu-eval", "--json", "--items", "3", "--max-new-tokens", "6",
+            "--batch-size", "4", "--naive-gen-batch", "4", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["items"] == 6 and figures["model"] == "random"
+    # The same per-item figures from one pass per question as from one pass per metric: the
+    # losses are token means of log-probs computed in other batch layouts, equal up to fp32
+    # rounding of tiny_llama's logits (hidden 64, magnitude ~log 400): measured 1.0e-6.
+    assert figures["same_figures"]["max_abs_diff"] <= 64 * 6 * 1.2e-7
+    assert 0 <= figures["same_figures"]["identical_generations"] <= 1
+    # The question is encoded once for its 7 answers instead of 7 times.
+    assert figures["ours"]["scoring_tokens"] < figures["ours_unshared"]["scoring_tokens"]
+    assert figures["ours_unshared"]["scoring_tokens"] <= figures["naive"]["scoring_tokens"]
+    assert figures["speedup"] == pytest.approx(
+        figures["ours"]["items_per_second"] / figures["naive"]["items_per_second"]
+    )

@@ -25,7 +25,7 @@ def _config(**changes):
 def test_auto_is_bf16_exactly_where_the_cpu_computes_it_natively(monkeypatch):
     monkeypatch.delenv("NEGPREF_CPU_BF16")
     for flags, native in (({"avx2", "amx_bf16"}, True), ({"avx512_bf16"}, True), ({"avx2"}, False)):
-        monkeypatch.setattr(models, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(models, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert models.cpu_native_bf16() is native
         assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
         assert _config().bf16 is native  # autocast; the weights stay float32 masters

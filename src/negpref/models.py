@@ -9,7 +9,6 @@ with one line naming the flag: truncated weights, a tokenizer larger than the em
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from negpref.data.records import one_line
 from negpref.errors import NegprefError
 from negpref.hub import local_or_hub
+from negpref.threads import cpu_flags
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,16 +40,6 @@ _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_BF16_ENV = "NEGPREF_CPU_BF16"
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16); ``$NEGPREF_CPU_BF16``
     (1 or 0) overrides the detection.
@@ -63,7 +53,7 @@ def cpu_native_bf16() -> bool:
         if forced not in ("0", "1"):
             raise NegprefError(f"${CPU_BF16_ENV}={forced!r}: must be 1 (use bf16) or 0 (do not)")
         return forced == "1"
-    return any(flag in _cpu_flags() for flag in _BF16_CPU_FLAGS)
+    return any(flag in cpu_flags() for flag in _BF16_CPU_FLAGS)
 
 
 def native_bf16(device: torch.device | str) -> bool:

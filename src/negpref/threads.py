@@ -1,9 +1,13 @@
-"""Intra-op thread settings for small CPU workloads."""
+"""The CPU: its model name and feature flags (Linux ``/proc/cpuinfo``), and intra-op thread
+settings for small workloads."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -23,3 +27,24 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line's value in ``/proc/cpuinfo`` ("" where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() == field), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
+    return frozenset(_cpuinfo("flags").split())

@@ -51,10 +51,10 @@ import torch
 
 from negpref.align.config import AlignConfig
 from negpref.align.trainer import AlignTrainer
-from negpref.bench.step_cost import cpu_model
 from negpref.data import format_prompt, pref_task
 from negpref.data.preference import normalize_records
 from negpref.errors import NegprefError
+from negpref.threads import cpu_model
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)  # target: every linear layer but the head
 

@@ -16,7 +16,6 @@ the step, read from torch's profiler.
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 import types
@@ -26,6 +25,7 @@ import torch
 from negpref.data import Encoded
 from negpref.errors import NegprefError
 from negpref.models import tiny_llama
+from negpref.threads import cpu_model
 from negpref.unlearn import UnlearnConfig
 from negpref.unlearn.dataset import UnlearnData
 from negpref.unlearn.trainer import UnlearnTrainer
@@ -183,18 +183,6 @@ def modes_of(args) -> list[str]:
             f"comma-separated subset of {', '.join(MODES)}"
         )
     return list(dict.fromkeys(names))
-
-
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def check(args) -> None:

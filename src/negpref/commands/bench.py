@@ -19,6 +19,7 @@ BENCHMARKS = {
     "step-cost": "negpref.bench.step_cost",
     "dpo-vs-trl": "negpref.bench.dpo_vs_trl",
     "u2a": "negpref.bench.u2a",
+    "tofu-eval": "negpref.bench.tofu_eval",
 }
 
 

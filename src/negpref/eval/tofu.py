@@ -298,6 +298,7 @@ def _evaluate_set(
     memorization: bool = False,
     mia_ref_model=None,
     gradnorm: bool = False,
+    share_prompts: bool = True,
 ) -> dict[str, dict]:
     """Per-item logs of one set; ``max_new_tokens=None`` skips generation (and ROUGE),
     ``answers_only`` also the truth ratio (the holdout set only feeds membership inference).
@@ -332,6 +333,7 @@ def _evaluate_set(
         conventions=conventions,
         memorization=memorization,
         detail=[i < n for i in range(len(pairs))],
+        share_prompts=share_prompts,
     )
     gt = scores.subset(0, n)
     log = _gt_metrics(keys, gt)
@@ -406,6 +408,7 @@ def evaluate_tofu(
     generate: bool = True,
     mia_ref_model=None,
     gradnorm: bool = False,
+    share_prompts: bool = True,
 ) -> dict[str, dict]:
     """Evaluate ``model`` on every set of ``sets``; return per-item logs in TOFU's format.
 
@@ -417,12 +420,15 @@ def evaluate_tofu(
     computes them on the forget set only). Questions are formatted by
     ``prompt``. ``generate=False`` skips greedy generation, so the logs hold no ROUGE (the
     aggregates that need it say so). ``progress`` shows progress bars (stderr).
+    ``share_prompts`` scores a question's answers continuing one encoding of the question
+    (off: one full sequence per answer; the values agree up to float rounding).
     """
     conventions = get_conventions(conventions)
     mia_k = conventions.mia_k if mia_k is None else mia_k
     options = dict(
         batch_size=batch_size,
         max_length=max_length,
+        share_prompts=share_prompts,
         progress=progress,
         prompt=prompt,
         conventions=conventions,

@@ -20,9 +20,9 @@ from negpref.studies.demo.settings import (
     MAX_LENGTH,
     DemoConfig,
     Profile,
-    cpu_model,
     retain_split_of,
 )
+from negpref.threads import cpu_model
 
 
 def default_cache_dir() -> Path:

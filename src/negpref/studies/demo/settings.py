@@ -9,12 +9,12 @@ import platform
 import shlex
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 from negpref import __version__
 from negpref.config import require
 from negpref.data.fictitious import FORGET_PERCENTS, CorpusConfig, split_name
 from negpref.errors import NegprefError
+from negpref.threads import cpu_model
 
 DEFAULT_METHODS = ("NPO", "NPO+RT", "GA", "GA+RT", "GA+KL", "IDK+RT", "DPO+RT")
 # Three seeds: the default study fits 10 minutes of a 2-core machine with an empty cache.
@@ -204,16 +204,6 @@ def command_line(config: DemoConfig) -> str:
         else:
             words += [flag, str(value)]
     return shlex.join(words)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def environment(jobs: int) -> dict:
