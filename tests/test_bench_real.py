@@ -89,3 +89,18 @@ def test_tofu_eval_benchmark_gives_the_naive_evaluators_figures(capsys):
     assert figures["speedup"] == pytest.approx(
         figures["ours"]["items_per_second"] / figures["naive"]["items_per_second"]
     )
+
+
+def test_shared_prompts_benchmark_runs_fewer_positions(capsys):
+    from negpref.cli import main
+
+    argv = ["bench", "shared-prompts", "--json", "--records", "4", "--candidates", "3",
+            "--batch-size", "2", "--steps", "2", "--max-length", "64", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for method in ("dpo", "mcpo"):
+        shared, unshared = figures[method]["shared"], figures[method]["unshared"]
+        assert 0 < shared["positions"] < unshared["positions"], method
+        assert shared["seconds_per_step"] > 0 and unshared["seconds_per_step"] > 0
+    # MC-PO also scores every candidate each step: more positions than DPO's two completions
+    assert figures["mcpo"]["unshared"]["positions"] > figures["dpo"]["unshared"]["positions"]

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "dpo-vs-trl": "negpref.bench.dpo_vs_trl",
     "u2a": "negpref.bench.u2a",
     "tofu-eval": "negpref.bench.tofu_eval",
+    "shared-prompts": "negpref.bench.shared_prompts",
 }
 
 
