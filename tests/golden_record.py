@@ -2,6 +2,11 @@
 
     PYTHONPATH=src python tests/golden_record.py            # rewrite tests/data/golden/*.json
     PYTHONPATH=src python tests/golden_record.py --measure  # deviation under harmless changes
+    PYTHONPATH=src python tests/golden_record.py --add unlearn PDU  # record one new case
+
+``--add`` records new cases into an existing file (each with the commit it was recorded on),
+leaving the recorded ones untouched: a new method's golden figures come from the engine that
+added it.
 
 Recording runs every case twice, one torch thread, and writes nothing unless both runs agree
 bitwise. ``--measure`` reruns the training families (a) with 2 torch threads and (b) with
@@ -33,9 +38,9 @@ def _commit() -> str:
     ).stdout.strip()
 
 
-def compute_family(family: str, tmp: Path) -> dict:
-    """Every case of ``family`` computed once: {case: result}."""
-    cases = g.FAMILIES[family]
+def compute_family(family: str, tmp: Path, cases=None) -> dict:
+    """The ``cases`` of ``family`` (default: every one) computed once: {case: result}."""
+    cases = g.FAMILIES[family] if cases is None else cases
     if family == "unlearn":
         (tmp / "unlearn_inputs").mkdir(parents=True)
         inputs = g.unlearn_inputs(tmp / "unlearn_inputs")
@@ -72,6 +77,26 @@ def record(families) -> None:
         path = g.GOLDEN_DIR / f"{family}.json"
         path.write_text(json.dumps(golden, indent=1) + "\n")
         print(f"wrote {path} ({len(first)} cases)")
+
+
+def add(family: str, cases: list[str]) -> None:
+    path = g.GOLDEN_DIR / f"{family}.json"
+    golden = json.loads(path.read_text())
+    known = [c for c in cases if c in golden["cases"]]
+    if known:
+        sys.exit(f"{family}: {', '.join(known)} already recorded; record the family anew instead")
+    with single_threaded(), tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        first = compute_family(family, Path(a), cases)
+        second = compute_family(family, Path(b), cases)
+    commit = _commit()
+    for case in cases:
+        if json.dumps(first[case]) != json.dumps(second[case]):
+            sys.exit(f"{family} {case}: two runs of the same code differ; not recording")
+        settings = g.FAMILIES[family][case]
+        entry = {"settings": settings, "result": first[case], "recorded_from_commit": commit}
+        golden["cases"][case] = entry
+    path.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"added {', '.join(cases)} to {path}")
 
 
 class OtherKernelAdamW(torch.optim.AdamW):
@@ -119,8 +144,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="measure, write nothing")
     families = ", ".join(g.FAMILIES)
+    parser.add_argument("--add", action="store_true", help="record new cases: FAMILY CASE...")
     parser.add_argument("families", nargs="*", help=f"some of {families} (default: all)")
     args = parser.parse_args()
+    if args.add:
+        family, *cases = args.families
+        unknown = [c for c in cases if c not in g.FAMILIES.get(family, {})]
+        if not cases or unknown:
+            parser.error(f"--add FAMILY CASE...: unknown or no cases {unknown} in {family!r}")
+        return add(family, cases)
     unknown = [f for f in args.families if f not in g.FAMILIES]
     if unknown:
         parser.error(f"unknown families {', '.join(unknown)}; known: {families}")

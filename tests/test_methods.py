@@ -590,3 +590,71 @@ def test_trainable_params_name_lora_adapters(tmp_path, tok, records):
     engine = make_engine(cfg, tok, records)
     trained = [n for n, p in engine.unwrapped.named_parameters() if p.requires_grad]
     assert trained and all("lora_A" in n for n in trained)
+
+
+# --- PDU: logit-margin flattening under a primal-dual retain constraint -------------------------
+
+
+def test_logit_margin_is_the_squared_gap_between_max_and_mean_logit():
+    logits = LOGITS.clone().requires_grad_(True)
+    loss = losses.logit_margin(logits, LOGIT_MASK)
+    loss.backward()
+    scored = [(i, t) for i in range(2) for t in range(3) if LOGIT_MASK[i, t]]
+    expected, grad = 0.0, torch.zeros_like(LOGITS)
+    for i, t in scored:
+        row = LOGITS[i, t].tolist()
+        gap = max(row) - sum(row) / len(row)
+        expected += gap**2 / len(scored)
+        for v in range(len(row)):  # d gap^2 / d z_v = 2 gap ([v is the argmax] - 1/V)
+            grad[i, t, v] = 2 * gap * ((v == row.index(max(row))) - 1 / len(row)) / len(scored)
+    assert loss.item() == pytest.approx(expected, abs=ATOL64)
+    torch.testing.assert_close(logits.grad, grad, atol=ATOL64, rtol=0)
+    assert losses.logit_margin(torch.zeros(1, 2, 5), torch.ones(1, 2)).item() == 0.0  # uniform
+
+
+def _pdu_history(tok, records, memorized, **changes):
+    from negpref.unlearn.dataset import build_data
+    from negpref.unlearn.trainer import train_in_memory
+
+    forget, retain = records
+    data = build_data(tok, forget, retain, None, 128, seed=0)
+    options = dict(method="PDU", learning_rate=1e-3, num_train_epochs=3, warmup_epochs=0)
+    options.update(per_device_train_batch_size=4, gradient_accumulation_steps=1, **changes)
+    trainer = train_in_memory(fresh(tok, memorized), tok, data, **options)
+    return trainer, [row for row in trainer.state.log_history if "loss" in row]
+
+
+def test_pdu_multiplier_ascends_on_the_retain_constraint(tok, records, memorized):
+    """After each step the multiplier moves by dual_step_size x (step's retain NLL - bound),
+    floored at 0, and never during the warm-up epochs; the loss is the Lagrangian."""
+    eta, bound = 2.0, 0.5
+    trainer, rows = _pdu_history(
+        tok, records, memorized, dual_step_size=eta, retain_bound=bound, dual_warmup_epochs=1
+    )
+    assert len(rows) == 6  # 8 forget items, batch 4, 3 epochs
+    weights = [row["dual/retain_weight"] for row in rows]
+    # the preset's start: steps 1-2 are the warm-up epoch, step 3 the first to move it after
+    assert weights[:3] == [100.0] * 3
+    # Figures are logged as float32: each is within 2 fp32 roundings of its float64 value.
+    for s in range(3, 6):
+        expected = max(0.0, weights[s - 1] + eta * (rows[s - 1]["loss/retain"] - bound))
+        assert weights[s] == pytest.approx(expected, rel=2 * 2**-23, abs=1e-6)
+    assert trainer.retain_weight == pytest.approx(
+        max(0.0, weights[5] + eta * (rows[5]["loss/retain"] - bound)), rel=2 * 2**-23
+    )
+    for row in rows:
+        lagrangian = row["loss/forget"] + row["dual/retain_weight"] * (row["loss/retain"] - bound)
+        assert row["loss"] == pytest.approx(lagrangian, rel=1e-5)  # 4 float32 terms
+    assert trainer.checkpoint_state()["retain_weight"] == trainer.retain_weight
+    trainer.load_checkpoint_state({"retain_weight": 7.5})
+    assert trainer.retain_weight == 7.5
+
+
+def test_pdu_multiplier_drops_to_zero_when_the_constraint_holds(tok, records, memorized):
+    """A bound far above the retain NLL: the multiplier falls by eta x slack each step, to 0."""
+    _, rows = _pdu_history(
+        tok, records, memorized, dual_step_size=50.0, retain_bound=20.0, dual_warmup_epochs=0
+    )
+    weights = [row["dual/retain_weight"] for row in rows]
+    assert weights[0] == 100.0 and weights[1] < 100.0 and weights[-1] == 0.0
+    assert PRESETS["PDU"].retain_bound == 0.3 and PRESETS["PDU"].c_rt == 100.0

@@ -32,6 +32,7 @@ __all__ = [
     "kl",
     "kl_all_positions",
     "kto",
+    "logit_margin",
     "masked_token_mean",
     "nll",
     "nll_token_mean",
@@ -345,6 +346,17 @@ def ceu(
     mask = mask.to(wide)
     scored = mask * (mask.cumsum(-1) > ignore_first)
     return masked_token_mean(_soft_cross_entropy(logits, suppressed.softmax(-1)), scored, weights)
+
+
+def logit_margin(
+    logits: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PDU's forget term (Entesari et al. 2025): ``mean_t (max_v z_tv - mean_v z_tv)^2``, the
+    squared gap between each answer position's largest and mean logit. It is 0 exactly when
+    the position's distribution is uniform, so descending it flattens the forget answers."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    margin = (wide.max(-1).values - wide.mean(-1)).pow(2)
+    return masked_token_mean(margin, mask.to(wide.dtype), weights)
 
 
 def activation_mse(

@@ -115,6 +115,21 @@ class UnlearnConfig(NegprefTrainingArguments):
     c_fgkl: float | None = field(
         default=None, metadata=_help("weight of the forget KL term K_FG, subtracted (default 0)")
     )
+    retain_bound: float | None = field(
+        default=None,
+        metadata=_help(
+            "primal-dual retain constraint L_RT <= retain_bound (PDU preset: 0.3): c_rt is its "
+            "multiplier's start value, raised by dual_step_size x (L_RT - retain_bound) after "
+            "each optimizer step, never below 0 (none = fixed c_rt)"
+        ),
+    )
+    dual_step_size: float = field(
+        default=5.0, metadata=_help("with retain_bound: step size of the multiplier's ascent")
+    )
+    dual_warmup_epochs: float = field(
+        default=5.0,
+        metadata=_help("with retain_bound: forget-set epochs before the multiplier moves"),
+    )
     conventions: str = field(
         default=DEFAULT,
         metadata=_help(
@@ -219,6 +234,9 @@ class UnlearnConfig(NegprefTrainingArguments):
             value = getattr(self, name)
             require(value is None or value >= 0, name, value, "must be >= 0")
         require(self.beta is None or self.beta > 0, "beta", self.beta, "must be > 0")
+        for name in ("retain_bound", "dual_step_size", "dual_warmup_epochs"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value < math.inf, name, value, "must be >= 0 and finite")
         require(self.hidden_layer >= 0, "hidden_layer", self.hidden_layer, "must be >= 0")
         for pattern in self.trainable_params:
             try:
@@ -232,7 +250,7 @@ class UnlearnConfig(NegprefTrainingArguments):
         preset = PRESETS[self.method]
         fill = {
             name: getattr(preset, name)
-            for name in ("beta", "gamma", "c_forget", "c_rt", "c_rtkl", "c_fgkl")
+            for name in ("beta", "gamma", "c_forget", "c_rt", "c_rtkl", "c_fgkl", "retain_bound")
             if getattr(self, name) is None
         }
         return self.replace(**fill)
@@ -253,4 +271,5 @@ class UnlearnConfig(NegprefTrainingArguments):
             gamma=r.gamma,
             conventions=conventions,
             hidden_layer=r.hidden_layer,
+            retain_bound=r.retain_bound,
         )

@@ -176,6 +176,11 @@ def _ceu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
     return losses.ceu(f.logits, f.targets, f.mask, gamma, s.weights)
 
 
+def _pdu(s: StepLogps, beta: float, gamma: float) -> torch.Tensor:
+    f = s["forget"]
+    return losses.logit_margin(f.logits, f.mask, s.weights)
+
+
 FORGET_LOSSES: dict[str, ForgetLoss] = {
     "ga": ForgetLoss(_ga, ("forget",), (), "gradient ascent on the forget answers"),
     "npo": ForgetLoss(_npo, ("forget",), ("forget",), "negative preference optimization"),
@@ -210,6 +215,12 @@ FORGET_LOSSES: dict[str, ForgetLoss] = {
         _ceu,
         ("forget",),
         description="cross-entropy to the own distribution without the true token",
+        needs_logits=True,
+    ),
+    "pdu": ForgetLoss(
+        _pdu,
+        ("forget",),
+        description="flatten the answer logits: (max - mean logit)^2 per answer token",
         needs_logits=True,
     ),
 }
@@ -247,6 +258,7 @@ class Preset:
     c_fgkl: float = 0.0
     beta: float = 0.1
     gamma: float = 0.0
+    retain_bound: float | None = None  # primal-dual: c_rt becomes the constraint's multiplier
     description: str = field(default="", compare=False)
 
 
@@ -280,6 +292,10 @@ PRESETS: dict[str, Preset] = {
     # RMU (Li et al. 2024, WMDP) with open-unlearning's TOFU setting: beta = steering
     # coefficient 2, gamma = retain activation weight 1 (layer: config.hidden_layer, 7).
     "RMU": Preset("rmu", beta=2.0, gamma=1.0),
+    # PDU (Entesari et al. 2025, "Constrained Entropic Unlearning"), their TOFU setting as
+    # open-unlearning runs it: the retain NLL held at <= 0.3 by a multiplier starting at 100
+    # (dual_step_size 5, dual_warmup_epochs 5 in UnlearnConfig).
+    "PDU": Preset("pdu", c_rt=100.0, retain_bound=0.3),
     # Not unlearning: descend the NLL of the `forget` records, i.e. fine-tune on them.
     "SFT": Preset("sft"),
 }
@@ -304,12 +320,14 @@ class Objective:
     gamma: float
     conventions: Conventions = NPO
     hidden_layer: int = 7  # decoder block whose output hidden-state losses read (RMU)
+    # primal-dual (PDU): the constraint L_RT <= retain_bound, c_rt its starting multiplier
+    retain_bound: float | None = None
 
     @property
     def groups(self) -> tuple[str, ...]:
         """Sequence groups of one batched forward, in a fixed order."""
         needed = set(self.forget_loss.groups)
-        if self.c_rt or self.c_rtkl:
+        if self.c_rt or self.c_rtkl or self.retain_bound is not None:
             needed.add("retain")
         if self.c_fgkl:
             needed.add("forget")
@@ -349,14 +367,19 @@ class Objective:
         """Whether the policy forward keeps its logits (the loss reads them, or a KL term)."""
         return self.forget_loss.needs_logits or bool(self.ref_logit_groups)
 
-    def __call__(self, step: StepLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its unweighted parts (detached, for logging) for one micro-batch."""
+    def __call__(
+        self, step: StepLogps, c_rt: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its unweighted parts (detached, for logging) for one micro-batch;
+        ``c_rt`` overrides the retain weight (the primal-dual multiplier of this step)."""
+        c_rt = self.c_rt if c_rt is None else c_rt
         l_forget = self.forget_loss.fn(step, self.beta, self.gamma)
         total = self.c_forget * l_forget
         parts = {"loss/forget": l_forget.detach()}
-        if self.c_rt:
+        if c_rt or self.retain_bound is not None:
             l_retain = self.retain_nll(step["retain"])
-            total = total + self.c_rt * l_retain
+            # the Lagrangian's term c_rt (L_RT - bound): the bound shifts the value, not the step
+            total = total + c_rt * (l_retain - (self.retain_bound or 0.0))
             parts["loss/retain"] = l_retain.detach()
         if self.c_rtkl:
             retain = step["retain"]

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 
 import torch
+from transformers import TrainerCallback
 
 from negpref import losses
 from negpref.errors import NegprefError
@@ -113,6 +114,16 @@ class ForgetStream(torch.utils.data.Dataset):
         return self.data.stream(position, 1)[0]
 
 
+class _DualAscent(TrainerCallback):
+    """Moves the retain constraint's multiplier after every optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.dual_step()
+
+
 class UnlearnTrainer(NegprefTrainer):
     """Unlearn ``forget_dataset`` from ``model``: a ``transformers.Trainer``.
 
@@ -153,6 +164,10 @@ class UnlearnTrainer(NegprefTrainer):
         args = args.resolved()
         objective = args.objective()
         self.objective, self.pad_id = objective, processing_class.pad_token_id
+        # the retain weight; with a retain bound, the multiplier that dual_step moves
+        self.retain_weight, self._step_retain_losses = objective.c_rt, []
+        if objective.retain_bound is not None:
+            callbacks = [*(callbacks or []), _DualAscent(self)]
         if data is None:
             data = build_data(
                 processing_class,
@@ -246,7 +261,26 @@ class UnlearnTrainer(NegprefTrainer):
         return inputs
 
     def checkpoint_state(self) -> dict:
-        return {**super().checkpoint_state(), "fingerprint": self.fingerprint}
+        state = {**super().checkpoint_state(), "fingerprint": self.fingerprint}
+        if self.objective.retain_bound is not None:
+            state["retain_weight"] = self.retain_weight
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        if self.objective.retain_bound is not None:
+            self.retain_weight = float(state["retain_weight"])
+
+    def dual_step(self) -> None:
+        """The multiplier's ascent on the retain constraint after an optimizer step, from the
+        step's mean retain NLL over its micro-batches and processes; none in the warm-up."""
+        losses_of_step, self._step_retain_losses = self._step_retain_losses, []
+        step = self.state.global_step  # the step just taken, 1-based
+        if not losses_of_step or self.epoch_of(step - 1) < self.args.dual_warmup_epochs:
+            return
+        mean = self.accelerator.reduce(torch.stack(losses_of_step).mean(), "mean").item()
+        violation = mean - self.objective.retain_bound
+        self.retain_weight = max(0.0, self.retain_weight + self.args.dual_step_size * violation)
 
     # --- reference --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -340,7 +374,10 @@ class UnlearnTrainer(NegprefTrainer):
                 step[g].ref_hidden = ref_group.hidden
         for g in self.precomputed_groups:
             step[g].ref_logps = inputs["ref_logps"][g]
-        loss, parts = objective(StepLogps(step, inputs.get("weights")))
+        loss, parts = objective(StepLogps(step, inputs.get("weights")), c_rt=self.retain_weight)
+        if objective.retain_bound is not None:
+            self._step_retain_losses.append(parts["loss/retain"])
+            parts["dual/retain_weight"] = torch.tensor(self.retain_weight)
         if self.proximal_lambda:
             proximal = sum(
                 ((p - a) ** 2).sum() for p, a in zip(self.proximal_params, self.proximal_anchor)
