@@ -313,6 +313,7 @@ def test_presets_follow_table_2_and_a_new_method_is_one_entry(tmp_path, tok, for
         "UNDIAL",
         "CE-U",
         "RMU",
+        "PDU",
     } == set(PRESETS)
     table2 = {  # c_GA / c_FG, c_RT, c_FGKL, c_RTKL
         "GA": ("ga", 1, 0, 0, 0),
