@@ -74,7 +74,7 @@ def test_tofu_eval_benchmark_gives_the_naive_evaluators_figures(capsys):
     from negpref.cli import main
 
     argv = ["bench", "tofu-eval", "--json", "--items", "3", "--max-new-tokens", "6",
-            "--batch-size", "4", "--naive-gen-batch", "4", "--threads", "1"]  # fmt: skip
+            "--batch-size", "4", "--gen-batch", "4", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["items"] == 6 and figures["model"] == "random"
@@ -86,6 +86,8 @@ def test_tofu_eval_benchmark_gives_the_naive_evaluators_figures(capsys):
     # The question is encoded once for its 7 answers instead of 7 times.
     assert figures["ours"]["scoring_tokens"] < figures["ours_unshared"]["scoring_tokens"]
     assert figures["ours_unshared"]["scoring_tokens"] <= figures["naive"]["scoring_tokens"]
+    scoring = figures["scoring"]
+    assert scoring["speedup"] == pytest.approx(scoring["naive_seconds"] / scoring["ours_seconds"])
     assert figures["speedup"] == pytest.approx(
         figures["ours"]["items_per_second"] / figures["naive"]["items_per_second"]
     )

@@ -8,13 +8,13 @@ greedy generation for ROUGE.
 - **ours**: ``negpref.eval.tofu.evaluate_tofu``: one length-sorted scoring pass per set in
   which a question is encoded once and its answer, paraphrase and perturbed answers continue
   its key/value cache; the answer's logits feed every metric that needs them; generation in
-  longest-first batches of ``--batch-size`` that stop when every row has emitted EOS.
+  longest-first batches of ``--gen-batch`` that stop when every row has emitted EOS.
 - **ours_unshared**: the same with ``share_prompts=False`` (one full sequence per answer), to
   isolate what sharing the question saves.
 - **naive**: the way open-unlearning evaluates: one pass per metric (probability, exact
   memorization, extraction strength, paraphrased probability, and one pass per perturbed
   answer index), each over the items in file order in batches of ``--batch-size``, full
-  logits at every position; generation in file order in batches of ``--naive-gen-batch``.
+  logits at every position; generation in file order in batches of ``--gen-batch``.
 
 After a warm-up on one item, the three run one after the other in one process; items/s counts questions evaluated. The
 figures of the naive evaluator are checked against ours (largest loss difference, share of
@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="forget10", help="TOFU forget split")
     parser.add_argument("--items", type=int, default=16, help="items of each set")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    parser.add_argument("--naive-gen-batch", type=int, default=32, help="naive generation batch")
+    parser.add_argument("--gen-batch", type=int, default=32, help="generation batch (both)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy tokens")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens per sequence")
     parser.add_argument(
@@ -103,11 +103,11 @@ class _Naive:
             self.tokenizer,
             ids,
             Sampling(self.args.max_new_tokens, 0.0),
-            self.args.naive_gen_batch,
+            self.args.gen_batch,
         )
         return [completion_text(self.tokenizer, r[0]).strip() for r in rows]
 
-    def evaluate(self, eval_set) -> dict:
+    def evaluate(self, eval_set, generate: bool = True) -> dict:
         records = eval_set.records
         questions = [r["question"] for r in records]
         gt = list(zip(questions, [r["answer"] for r in records]))
@@ -123,7 +123,8 @@ class _Naive:
             for j in range(len(perturbed[0]))
         ]
         figures["average_perturb_loss"] = [list(v) for v in zip(*per_index)]
-        figures["generations"] = self.generations(questions)
+        if generate:
+            figures["generations"] = self.generations(questions)
         return figures
 
 
@@ -158,6 +159,21 @@ def _compare(ours: dict, naive: dict) -> dict:
     return {"max_abs_diff": max(diffs), "identical_generations": same / total}
 
 
+def _scoring_seconds(model, tokenizer, sets: TofuSets, args) -> dict:
+    """Seconds of the scoring passes alone (no generation): ours, and the naive evaluator's."""
+    start = time.perf_counter()
+    evaluate_tofu(
+        model, tokenizer, sets, args.batch_size, max_length=args.max_length, generate=False
+    )
+    ours = time.perf_counter() - start
+    naive = _Naive(model, tokenizer, args)
+    start = time.perf_counter()
+    for eval_set in (sets.forget, sets.retain):
+        naive.evaluate(eval_set, generate=False)
+    naive_s = time.perf_counter() - start
+    return {"ours_seconds": ours, "naive_seconds": naive_s, "speedup": naive_s / ours}
+
+
 def check(args) -> None:
     if args.items < 1:
         raise NegprefError(f"--items: must be >= 1, got {args.items}")
@@ -181,7 +197,7 @@ def run(args) -> dict:
             start = time.perf_counter()
             logs[name] = evaluate_tofu(
                 model, tokenizer, sets, args.batch_size, args.max_new_tokens, args.max_length,
-                share_prompts=shared,
+                share_prompts=shared, generation_batch_size=args.gen_batch,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             figures[name] = {
@@ -196,11 +212,12 @@ def run(args) -> dict:
             "eval_log.json": naive.evaluate(sets.retain),
         }
         seconds = time.perf_counter() - start
-    figures["naive"] = {
-        "seconds": seconds,
-        "items_per_second": n_items / seconds,
-        "scoring_tokens": naive.tokens,
-    }
+        figures["naive"] = {
+            "seconds": seconds,
+            "items_per_second": n_items / seconds,
+            "scoring_tokens": naive.tokens,
+        }
+        figures["scoring"] = _scoring_seconds(model, tokenizer, sets, args)
     speedup = figures["ours"]["items_per_second"] / figures["naive"]["items_per_second"]
     return {
         "benchmark": "tofu-eval",
