@@ -20,6 +20,7 @@ from negpref.generation import (
     generate_ids,
     greedy_continue,
     greedy_generate,
+    greedy_until_eos,
     left_pad,
     prompt_ids,
 )
@@ -81,13 +82,28 @@ def test_prompt_ids_are_encode_qa_s_prompt_and_left_pad_right_aligns(tokenizer):
 def test_greedy_generate_and_continue_reproduce_the_old_outputs(model, tokenizer, recorded):
     before = BEFORE["greedy_generate"]
     got = greedy_generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=6)
-    assert got == before["result"] and recorded == before["generate_outputs"]
-    recorded.clear()
+    # the same answers, now decoded by greedy_until_eos instead of model.generate
+    assert got == before["result"] and recorded == []
     before = BEFORE["greedy_continue"]
     ids = [i[: 3 + j] for j, i in enumerate(BEFORE["prompt_ids"])]
     got = greedy_continue(model, tokenizer, ids, batch_size=3, max_new_tokens=5)
-    assert got == before["result"] and recorded == before["generate_outputs"]
+    assert got == before["result"] and recorded == []
     assert "" in got  # a row that emitted EOS at once
+
+
+def test_rows_leaving_at_eos_give_model_generate_s_tokens(model, tokenizer):
+    """greedy_until_eos drops a row from the batch at its EOS; the others' tokens are
+    model.generate's (greedy, same batch) up to and including each row's EOS."""
+    prompts = [prompt_ids(tokenizer, p, 64) for p in pref_task.prompts()[:8]]
+    eos = tokenizer.eos_token_id
+    ours = greedy_until_eos(model, prompts, tokenizer.pad_token_id, eos, 12)
+    theirs = generate_ids(model, tokenizer, prompts, Sampling(12, 0.0), batch_size=8)
+    lengths = set()
+    for mine, [row] in zip(ours, theirs, strict=True):
+        until_eos = row[: row.index(eos) + 1] if eos in row else row
+        assert mine == until_eos
+        lengths.add(len(mine))
+    assert len(lengths) > 1  # rows did leave at different steps
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ prompt tokens. Rows are left-padded, so every row continues its own prompt, and 
 - :func:`generate`: sampled (or, at temperature 0, greedy) completions as ``encode_qa`` answer
   text (OnMC-PO rounds, reward evaluation, ``negpref eval --alignment``);
 - :func:`greedy_generate` / :func:`greedy_continue`: greedy answers, whitespace-stripped, of QA
-  prompts / token-id prompts (TOFU and MUSE evaluation).
+  prompts / token-id prompts (TOFU and MUSE evaluation), decoded by :func:`greedy_until_eos`
+  (rows leave the batch at their EOS) where the model's forward allows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from negpref.data import DEFAULT_PROMPT, PromptFormat, encode_qa
+from negpref.logprobs import can_share_prompts
 
 
 @dataclass
@@ -132,13 +134,65 @@ def greedy_generate(
     max_length: int = 512,
     desc: str | None = None,
     prompt: PromptFormat = DEFAULT_PROMPT,
+    drop_finished_rows: bool = True,
 ) -> list[str]:
     """Greedy answers (special tokens dropped, whitespace stripped), in input order.
 
     An answer may be empty (the model emitted EOS at once); callers count those.
     """
     prompts = [prompt_ids(tokenizer, q, max_length, prompt) for q in questions]
-    return greedy_continue(model, tokenizer, prompts, batch_size, max_new_tokens, desc)
+    return greedy_continue(
+        model, tokenizer, prompts, batch_size, max_new_tokens, desc, drop_finished_rows
+    )
+
+
+@torch.no_grad()
+def greedy_until_eos(
+    model, prompts: Sequence[list[int]], pad_id: int, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy continuations of one batch of token-id prompts, each up to and including its
+    EOS (or ``max_new_tokens`` tokens); a row that has emitted EOS leaves the batch and its
+    key/value cache, so every later step computes only the rows still generating.
+
+    The same tokens as ``model.generate`` greedy on this batch (left padding, positions from
+    the attention mask), up to the float rounding of another batch size: on CPU a decoding
+    step's cost grows with its rows, and most answers end long before the longest.
+    """
+    device = next(model.parameters()).device
+    batch = left_pad(prompts, pad_id)
+    mask = batch["attention_mask"].to(device)
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache, positions = out.past_key_values, mask.sum(-1)
+    rows = list(range(len(prompts)))
+    generated: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(-1)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            generated[row].append(token)
+        keep = [k for k, token in enumerate(tokens.tolist()) if token != eos_id]
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            rows = [rows[k] for k in keep]
+            tokens, mask, positions = tokens[index], mask[index], positions[index]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        positions = positions + 1
+    return generated
 
 
 def greedy_continue(
@@ -148,16 +202,30 @@ def greedy_continue(
     batch_size: int = 8,
     max_new_tokens: int = 200,
     desc: str | None = None,
+    drop_finished_rows: bool = True,
 ) -> list[str]:
     """Greedy continuations of token-id prompts, decoded as :func:`greedy_generate`'s.
 
     Prompts go longest first, so batches need little padding; answers come back in input order.
+    With ``drop_finished_rows`` (and a model whose forward allows it) rows leave their batch at
+    EOS (:func:`greedy_until_eos`); else ``model.generate`` runs every row to the batch's end.
     """
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    generated = generate_ids(
-        model, tokenizer, [prompts[i] for i in order], Sampling(max_new_tokens, 0.0),
-        batch_size, desc=desc,
-    )  # fmt: skip
+    ordered = [prompts[i] for i in order]
+    if drop_finished_rows and can_share_prompts(model):  # the cache interface the loop drives
+        starts = range(0, len(ordered), batch_size)
+        generated = [
+            [ids]
+            for start in tqdm(starts, desc=desc, disable=desc is None, leave=False)
+            for ids in greedy_until_eos(
+                model, ordered[start : start + batch_size], tokenizer.pad_token_id,
+                tokenizer.eos_token_id, max_new_tokens,
+            )
+        ]  # fmt: skip
+    else:
+        generated = generate_ids(
+            model, tokenizer, ordered, Sampling(max_new_tokens, 0.0), batch_size, desc=desc
+        )
     answers = [""] * len(prompts)
     for i, [ids] in zip(order, generated, strict=True):
         answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -39,8 +39,8 @@ class TofuEvalCallback:
     forget-quality reference; without it ``forget_quality`` is None. ``ref_model`` (the model
     before unlearning) adds ``forget_kl`` and ``retain_kl``. ``prompt``, ``conventions``,
     ``mia_k``, ``generate``, ``mia_ref_model`` and ``gradnorm`` (the reference / GradNorm
-    attacks; GradNorm leaves the run's accumulated ``.grad`` alone) are passed to
-    ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
+    attacks; GradNorm leaves the run's accumulated ``.grad`` alone), ``share_prompts`` and
+    ``drop_finished_rows`` are passed to ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
     needs ``step`` and, to save per-item logs, ``out_dir`` (``epoch`` is recorded if present).
     """
 
@@ -58,6 +58,8 @@ class TofuEvalCallback:
         generate: bool = True,
         mia_ref_model=None,
         gradnorm: bool = False,
+        share_prompts: bool = True,
+        drop_finished_rows: bool = True,
     ):
         if retain_logs is not None and not isinstance(retain_logs, dict):
             retain_logs = load_logs(retain_logs, "retain logs")
@@ -78,6 +80,8 @@ class TofuEvalCallback:
             generate=generate,
             mia_ref_model=mia_ref_model,
             gradnorm=gradnorm,
+            share_prompts=share_prompts,
+            drop_finished_rows=drop_finished_rows,
         )
 
     def on_evaluate(self, state, model, tokenizer) -> dict:

@@ -44,6 +44,27 @@ class AnswerScores:
     def n_nan(self) -> int:
         return sum(not math.isfinite(lp) for lp in self.logps)
 
+    @staticmethod
+    def concat(parts: Sequence[AnswerScores]) -> AnswerScores:
+        """The items of ``parts`` one after the other; a figure only the first part has (KL,
+        MIA, memorization) is NaN for the others' items."""
+
+        def joined(get):
+            if get(parts[0]) is None:
+                return None
+            return [v for p in parts for v in (get(p) or [math.nan] * len(p.logps))]
+
+        mia_names = list(parts[0].mia) if parts[0].mia is not None else []
+        return AnswerScores(
+            logps=[v for p in parts for v in p.logps],
+            n_tokens=[v for p in parts for v in p.n_tokens],
+            truncated=[v for p in parts for v in p.truncated],
+            mia={k: joined(lambda p, k=k: p.mia and p.mia[k]) for k in mia_names} or None,
+            kl_ref=joined(lambda p: p.kl_ref),
+            exact_memorization=joined(lambda p: p.exact_memorization),
+            extraction_strength=joined(lambda p: p.extraction_strength),
+        )
+
     def subset(self, start: int, stop: int) -> AnswerScores:
         """The scores of items ``start:stop``."""
 
@@ -121,9 +142,13 @@ def _forward(model, pad_id: int, items: list[Encoded], keep_logits: bool, share:
     )
 
 
-def _chunks(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
-    """Item indices per forward: items sharing a prompt stay together (longest groups first,
-    so a forward pads little), up to ``batch_size`` rows unless one group is larger."""
+def _chunks(encoded: Sequence[Encoded], batch_size: int, share: bool) -> list[list[int]]:
+    """Item indices per forward, longest first so a forward pads little: with ``share``, items
+    sharing a prompt stay together, up to ``batch_size`` rows unless one group is larger;
+    else ``batch_size`` items at a time."""
+    if not share:
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, item in enumerate(encoded):
         groups.setdefault(tuple(split_answer(item)[0]), []).append(i)
@@ -171,7 +196,9 @@ def score_encoded(
     es = [math.nan] * n if memorization else None
     need_logits = ref_model is not None or mia_k is not None or memorization
     share = share_prompts and can_share_prompts(model)
-    for chunk in tqdm(_chunks(encoded, batch_size), desc=desc, disable=desc is None, leave=False):
+    for chunk in tqdm(
+        _chunks(encoded, batch_size, share), desc=desc, disable=desc is None, leave=False
+    ):
         keep = need_logits and any(detail[i] for i in chunk)
         out = _forward(model, pad_id, [encoded[i] for i in chunk], keep, share)
         detailed = [row for row, i in enumerate(chunk) if detail[i]] if keep else []

@@ -300,6 +300,7 @@ def _evaluate_set(
     gradnorm: bool = False,
     share_prompts: bool = True,
     generation_batch_size: int | None = None,
+    drop_finished_rows: bool = True,
 ) -> dict[str, dict]:
     """Per-item logs of one set; ``max_new_tokens=None`` skips generation (and ROUGE),
     ``answers_only`` also the truth ratio (the holdout set only feeds membership inference).
@@ -314,6 +315,7 @@ def _evaluate_set(
 
     # One scoring pass for every answer a question needs (its answer, paraphrase and perturbed
     # answers continue one encoding of the question); KL, MIA and memorization on the answer.
+    # Unshared: one pass per kind of answer, each a full sequence per answer.
     has_paraphrase = "paraphrased_answer" in _REQUIRED[kind] and not answers_only
     perturbed = [] if answers_only else _perturbed_lists(records)
     pairs = list(zip(questions, answers))
@@ -322,20 +324,30 @@ def _evaluate_set(
     pairs += [(q, p) for q, ps in zip(questions, perturbed) for p in ps]
     encoded = [encode_qa(tokenizer, q, a, max_length, prompt) for q, a in pairs]
     n = len(records)
-    scores = score_encoded(
-        model,
-        tokenizer.pad_token_id,
-        encoded,
-        [a for _, a in pairs],
-        batch_size,
-        ref_model=ref_model,
-        mia_k=mia_k,
-        desc=desc("answers"),
-        conventions=conventions,
-        memorization=memorization,
-        detail=[i < n for i in range(len(pairs))],
-        share_prompts=share_prompts,
-    )
+    gt_extras = dict(ref_model=ref_model, mia_k=mia_k, memorization=memorization)
+
+    def score(start: int, stop: int, what: str, **extra) -> AnswerScores:
+        return score_encoded(
+            model,
+            tokenizer.pad_token_id,
+            encoded[start:stop],
+            [a for _, a in pairs[start:stop]],
+            batch_size,
+            desc=desc(what),
+            conventions=conventions,
+            share_prompts=share_prompts,
+            **extra,
+        )
+
+    if share_prompts:
+        detail = [i < n for i in range(len(pairs))]
+        scores = score(0, len(pairs), "answers", detail=detail, **gt_extras)
+    else:
+        kinds = [score(0, n, "answers", **gt_extras)]
+        if has_paraphrase:
+            kinds.append(score(n, 2 * n, "paraphrased"))
+        kinds.append(score(2 * n if has_paraphrase else n, len(pairs), "perturbed"))
+        scores = AnswerScores.concat(kinds)
     gt = scores.subset(0, n)
     log = _gt_metrics(keys, gt)
     if mia_k is not None and (mia_ref_model is not None or gradnorm):
@@ -363,6 +375,7 @@ def _evaluate_set(
             max_length,
             desc("generation"),
             prompt=prompt,
+            drop_finished_rows=drop_finished_rows,
         )
         rouge1, rouge_l = metrics.rouge_recalls(answers, generations)
         log["generated_text"] = {
@@ -411,6 +424,7 @@ def evaluate_tofu(
     gradnorm: bool = False,
     share_prompts: bool = True,
     generation_batch_size: int | None = None,
+    drop_finished_rows: bool = True,
 ) -> dict[str, dict]:
     """Evaluate ``model`` on every set of ``sets``; return per-item logs in TOFU's format.
 
@@ -426,6 +440,8 @@ def evaluate_tofu(
     (off: one full sequence per answer; the values agree up to float rounding).
     ``generation_batch_size`` (default ``batch_size``) rows are generated together: a decoding
     step reads every weight once whatever the batch, so larger batches take fewer steps.
+    ``drop_finished_rows`` lets a row leave its generation batch at EOS (off: ``model.generate``
+    runs every row until the batch's last one ends; the tokens agree up to float rounding).
     """
     conventions = get_conventions(conventions)
     mia_k = conventions.mia_k if mia_k is None else mia_k
@@ -434,6 +450,7 @@ def evaluate_tofu(
         max_length=max_length,
         share_prompts=share_prompts,
         generation_batch_size=generation_batch_size,
+        drop_finished_rows=drop_finished_rows,
         progress=progress,
         prompt=prompt,
         conventions=conventions,
