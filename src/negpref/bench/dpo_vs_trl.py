@@ -239,7 +239,8 @@ def child_round(spec: dict) -> dict:
     args = argparse.Namespace(**spec["args"])
     torch.set_num_threads(spec["threads"])
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_model(ModelSpec(spec["model_dir"]), "cpu")
+    # training: float32 masters, whatever the CPU
+    model, tokenizer = load_model(ModelSpec(spec["model_dir"], dtype="float32"), "cpu")
     parameters = sum(p.numel() for p in model.parameters())  # the base model's
     records = pref_task.make_preferences(args.records, 1, args.seed)
     out_dir = spec["out_dir"]

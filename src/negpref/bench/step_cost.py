@@ -205,7 +205,7 @@ def run(args) -> dict:
     if args.model:
         from negpref.models import ModelSpec, load_model
 
-        base, tokenizer = load_model(ModelSpec(args.model), "cpu")
+        base, tokenizer = load_model(ModelSpec(args.model, dtype="float32"), "cpu")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     else:
         base, pad_id = _random_model(args), 0

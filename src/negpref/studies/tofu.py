@@ -472,7 +472,8 @@ def run_tofu_study(config: TofuStudyConfig) -> dict:
             lambda: finetuned(config, base, base_identity, data.retain_train, "retain", cache),
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        target, tokenizer = load_model(ModelSpec(str(target_dir)), device)
+        # float32 weights on every device; the study's mixed_precision decides the autocast
+        target, tokenizer = load_model(ModelSpec(str(target_dir), dtype="float32"), device)
 
         def logs(name: str, model_dir: Path) -> dict:
             """The model's TOFU logs (KL against the target), computed once per study."""
@@ -481,7 +482,7 @@ def run_tofu_study(config: TofuStudyConfig) -> dict:
                 model = (
                     target
                     if model_dir == target_dir
-                    else load_model(ModelSpec(str(model_dir)), device)[0]
+                    else load_model(ModelSpec(str(model_dir), dtype="float32"), device)[0]
                 )
                 atomic_write_json(path, evaluate(model, tokenizer, data.sets, config, target))
             return json.loads(path.read_text(encoding="utf-8"))

@@ -111,7 +111,8 @@ class RunContext:
 def _load(path: Path):
     from negpref.models import ModelSpec, load_model
 
-    return load_model(ModelSpec(path=str(path)), "cpu")
+    # float32 on every CPU (auto would load bf16 weights where bf16 is native): one set of figures
+    return load_model(ModelSpec(path=str(path), dtype="float32"), "cpu")
 
 
 @single_threaded()
