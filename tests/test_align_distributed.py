@@ -88,7 +88,12 @@ def test_align_killed_with_sigkill_resumes_bitwise(files, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")  # as each launched process (OMP_NUM_THREADS=1)
-def test_two_processes_match_one(files, tmp_path):
+@pytest.mark.parametrize(
+    "config, distributed",
+    [("accelerate_cpu2.yaml", "MULTI_CPU"), ("accelerate_fsdp_cpu2.yaml", "FSDP")],
+    ids=["ddp", "fsdp"],
+)
+def test_two_processes_match_one(files, tmp_path, config, distributed):
     # Every candidate is a negative (num_negatives 0): no draw, so the data alone decide the
     # step and any process count sees the same global batches.
     common = ["--method", "dpo", "--num-negatives", "0", "--save-strategy", "no"]
@@ -101,19 +106,21 @@ def test_two_processes_match_one(files, tmp_path):
     assert single.wait(timeout=300) == 0
     launcher = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs" / "accelerate_cpu2.yaml"),
+        "--config_file", str(ROOT / "configs" / config),
     ]  # fmt: skip
     pair = cli(
-        *flags(files, two), *common, "2", "--gradient-accumulation-steps", "1",
-        launcher=launcher, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        *flags(files, two), *common, "2", "--gradient-accumulation-steps", "1", "--json",
+        launcher=launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    _, stderr = pair.communicate(timeout=300)
+    stdout, stderr = pair.communicate(timeout=300)
     assert pair.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and summary["distributed"] == distributed
     a, b = metrics(one), metrics(two)
     assert len(a) == len(b) == 8
     # Effective batch 4 either way (1 process x 2 micro-batches, 2 processes x 1): the same
-    # per-micro-batch arithmetic, then a mean of two halves summed in either order; 1e-5
-    # relative (the bound) on figures of size ~1-100 covers that reordering.
+    # per-micro-batch arithmetic, then a mean of two halves summed in either order (FSDP: in
+    # flat shards); 1e-5 relative (the bound) on figures of size ~1-100 covers that.
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "learning_rate"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)

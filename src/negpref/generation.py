@@ -15,7 +15,7 @@ prompt tokens. Rows are left-padded, so every row continues its own prompt, and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +135,7 @@ def greedy_generate(
     desc: str | None = None,
     prompt: PromptFormat = DEFAULT_PROMPT,
     drop_finished_rows: bool = True,
+    map_batches: Callable | None = None,
 ) -> list[str]:
     """Greedy answers (special tokens dropped, whitespace stripped), in input order.
 
@@ -142,8 +143,9 @@ def greedy_generate(
     """
     prompts = [prompt_ids(tokenizer, q, max_length, prompt) for q in questions]
     return greedy_continue(
-        model, tokenizer, prompts, batch_size, max_new_tokens, desc, drop_finished_rows
-    )
+        model, tokenizer, prompts, batch_size, max_new_tokens, desc, drop_finished_rows,
+        map_batches,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -203,30 +205,37 @@ def greedy_continue(
     max_new_tokens: int = 200,
     desc: str | None = None,
     drop_finished_rows: bool = True,
+    map_batches: Callable | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts, decoded as :func:`greedy_generate`'s.
 
     Prompts go longest first, so batches need little padding; answers come back in input order.
     With ``drop_finished_rows`` (and a model whose forward allows it) rows leave their batch at
     EOS (:func:`greedy_until_eos`); else ``model.generate`` runs every row to the batch's end.
+    ``map_batches(fn, batches, desc)`` runs the batches (default: one after the other here;
+    ``negpref.eval.shards.Shards.map`` splits them over processes).
     """
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     ordered = [prompts[i] for i in order]
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if drop_finished_rows and can_share_prompts(model):  # the cache interface the loop drives
-        starts = range(0, len(ordered), batch_size)
-        generated = [
-            [ids]
-            for start in tqdm(starts, desc=desc, disable=desc is None, leave=False)
-            for ids in greedy_until_eos(
-                model, ordered[start : start + batch_size], tokenizer.pad_token_id,
-                tokenizer.eos_token_id, max_new_tokens,
-            )
-        ]  # fmt: skip
+
+        def run(batch: list[list[int]]) -> list[list[int]]:
+            return greedy_until_eos(model, batch, pad_id, eos_id, max_new_tokens)
+
     else:
-        generated = generate_ids(
-            model, tokenizer, ordered, Sampling(max_new_tokens, 0.0), batch_size, desc=desc
-        )
+        greedy = Sampling(max_new_tokens, 0.0)
+
+        def run(batch: list[list[int]]) -> list[list[int]]:
+            return [ids for [ids] in generate_ids(model, tokenizer, batch, greedy, len(batch))]
+
+    per_batch = (map_batches or _in_turn)(run, batches, desc)
     answers = [""] * len(prompts)
-    for i, [ids] in zip(order, generated, strict=True):
+    for i, ids in zip(order, (ids for batch in per_batch for ids in batch), strict=True):
         answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
+
+
+def _in_turn(fn: Callable, jobs: Sequence, desc: str | None) -> list:
+    return [fn(job) for job in tqdm(jobs, desc=desc, disable=desc is None, leave=False)]

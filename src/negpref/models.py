@@ -287,13 +287,16 @@ def _as_plain_model(model):
         config.quantization_config = saved_config
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
+def save_model(
+    model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None
+) -> None:
     """``save_pretrained`` in safetensors, tokenizer beside it (a dequantised GGUF model is
-    saved as a plain model)."""
+    saved as a plain model); ``state_dict`` replaces the model's own weights (a sharded
+    model's, gathered)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _as_plain_model(model) as plain:
-        plain.save_pretrained(out_dir, safe_serialization=True)
+        plain.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
 
 

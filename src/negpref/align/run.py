@@ -186,9 +186,11 @@ def run(config: AlignConfig, model=None, tokenizer=None) -> dict:
         summary = summarize(trainer, run_log, data)
         summary["resumed_from_step"] = _step(resume_from) if resume_from else None
         summary["processes"] = processes.num_processes
+        summary["distributed"] = str(trainer.accelerator.distributed_type.value)
+        weights = trainer.full_state_dict() if config.save_model else None
         if processes.is_main_process:
             if config.save_model:
-                save_model(trainer.unwrapped, tokenizer, stage / "model")
+                save_model(trainer.unwrapped, tokenizer, stage / "model", weights)
             atomic_write_json(stage / "summary.json", summary)
             write_report(stage / "report.html", config, summary, run_log)
     return summary

@@ -59,7 +59,11 @@ def _print(result: dict, as_json: bool) -> None:
 def _eval(args) -> int:
     if args.alignment:
         return int(alignment.main(args) or 0)
-    _print(run(build_config(EvalConfig, args), progress=not args.json), args.json)
+    from accelerate import PartialState
+
+    result = run(build_config(EvalConfig, args), progress=not args.json)
+    if PartialState().is_main_process:  # under `accelerate launch`: report once
+        _print(result, args.json)
     return 0
 
 

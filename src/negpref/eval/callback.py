@@ -14,6 +14,7 @@ from pathlib import Path
 
 from negpref.conventions import NPO, Conventions
 from negpref.data import DEFAULT_PROMPT, PromptFormat
+from negpref.eval.shards import Shards
 from negpref.eval.tofu import TofuSets, evaluate_tofu
 from negpref.eval.tofu_logs import (
     aggregate,
@@ -40,9 +41,16 @@ class TofuEvalCallback:
     before unlearning) adds ``forget_kl`` and ``retain_kl``. ``prompt``, ``conventions``,
     ``mia_k``, ``generate``, ``mia_ref_model`` and ``gradnorm`` (the reference / GradNorm
     attacks; GradNorm leaves the run's accumulated ``.grad`` alone), ``share_prompts`` and
-    ``drop_finished_rows`` are passed to ``evaluate_tofu``. The engine calls ``on_evaluate(state, model, tokenizer)``; ``state``
-    needs ``step`` and, to save per-item logs, ``out_dir`` (``epoch`` is recorded if present).
+    ``drop_finished_rows`` are passed to ``evaluate_tofu``. The engine calls
+    ``on_evaluate(state, model, tokenizer)``; ``state`` needs ``step`` and, to save per-item
+    logs, ``out_dir`` (``epoch`` is recorded if present).
+
+    Under several processes the engine calls it on every one (``all_processes``): the
+    evaluation is split over them (``Shards.of_processes``) and the logs are written where
+    ``state.out_dir`` is set (the main process).
     """
+
+    all_processes = True
 
     def __init__(
         self,
@@ -85,7 +93,14 @@ class TofuEvalCallback:
         )
 
     def on_evaluate(self, state, model, tokenizer) -> dict:
-        logs = evaluate_tofu(model, tokenizer, self.sets, ref_model=self.ref_model, **self.options)
+        logs = evaluate_tofu(
+            model,
+            tokenizer,
+            self.sets,
+            ref_model=self.ref_model,
+            shards=Shards.of_processes(),
+            **self.options,
+        )
         result = {"step": int(getattr(state, "step", 0))}
         if getattr(state, "epoch", None) is not None:
             result["epoch"] = state.epoch

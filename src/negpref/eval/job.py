@@ -9,11 +9,13 @@ Both return the aggregate, with the run's settings under ``run`` (``run`` only).
 
 from __future__ import annotations
 
+import os
 import time
 
 from negpref.config import config_to_dict
 from negpref.errors import NegprefError
 from negpref.eval.config import AggregateConfig, EvalConfig
+from negpref.eval.shards import Shards
 from negpref.eval.tofu_logs import META_KEY
 from negpref.io import atomic_write_json, check_out_dir, staged_out_dir
 
@@ -59,11 +61,21 @@ def _check_attack_nonmembers(config: EvalConfig, have_nonmembers: bool, how: str
         )
 
 
-def _load_models(config: EvalConfig):
+def _processes(config: EvalConfig):
+    """accelerate's state of the processes the evaluation is split over (``accelerate launch``
+    or ``torchrun``), None in a plain run; each process evaluates on its own device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=_device(config.device) == "cpu")
+
+
+def _load_models(config: EvalConfig, processes=None):
     """The evaluated model and tokenizer, the KL reference and the MIA reference (or None)."""
     from negpref.models import ModelSpec, load_model
 
-    device = _device(config.device)
+    device = str(processes.device) if processes is not None else _device(config.device)
     spec = dict(
         dtype=config.dtype,
         allow_pickle=config.allow_pickle,
@@ -109,7 +121,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict:
         check_retain_logs_match_sets(retain_logs, sets, where)
     _check_attack_nonmembers(config, sets.holdout is not None, "holdout (or holdoutNN.json)")
 
-    model, tokenizer, ref_model, mia_ref_model = _load_models(config)
+    processes = _processes(config)
+    model, tokenizer, ref_model, mia_ref_model = _load_models(config, processes)
     start = time.perf_counter()
     logs = evaluate_tofu(
         model,
@@ -126,6 +139,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict:
         generate=config.generation,
         mia_ref_model=mia_ref_model,
         gradnorm=config.mia_gradnorm,
+        shards=Shards.of_processes(),
     )
     seconds = time.perf_counter() - start
     result = aggregate(logs, retain_logs, config.privleak_ref_auc)
@@ -138,10 +152,12 @@ def run(config: EvalConfig, progress: bool = True) -> dict:
         },
         "prompt_format": logs[META_KEY]["prompt_format"],
         "eval_seconds": seconds,
+        "processes": processes.num_processes if processes is not None else 1,
     }
-    with staged_out_dir(config.out, config.overwrite) as stage:
-        write_logs(stage, logs, result, config.log_format)
-        atomic_write_json(stage / "aggregate.json", result)
+    with staged_out_dir(config.out, config.overwrite, processes=processes) as stage:
+        if processes is None or processes.is_main_process:
+            write_logs(stage, logs, result, config.log_format)
+            atomic_write_json(stage / "aggregate.json", result)
     return result
 
 
@@ -149,6 +165,11 @@ def _run_muse(config: EvalConfig, progress: bool) -> dict:
     """``benchmark: muse``: MUSE logs (``muse_logs.json``) and their aggregate."""
     from negpref.eval import muse
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NegprefError(
+            "benchmark muse: the MUSE evaluation runs in one process; run `negpref eval` "
+            "without accelerate launch / torchrun (TOFU's is split over processes)"
+        )
     check_out_dir(config.out, overwrite=config.overwrite)
     sets = muse.load_muse_sets(
         config.forget_text,

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from negpref import losses
 from negpref.conventions import NPO, Conventions, get_conventions
@@ -20,6 +19,7 @@ from negpref.data import DEFAULT_PROMPT, Encoded, PromptFormat, collate, encode_
 from negpref.errors import NegprefError
 from negpref.eval import mia
 from negpref.eval.memorization import exact_memorization, extraction_strength, greedy_matches
+from negpref.eval.shards import Shards
 from negpref.logprobs import can_share_prompts, sequence_logps, shared_prompt_scores, split_answer
 
 
@@ -176,6 +176,7 @@ def score_encoded(
     memorization: bool = False,
     detail: Sequence[bool] | None = None,
     share_prompts: bool = True,
+    shards: Shards | None = None,
 ) -> AnswerScores:
     """:func:`score_answers` on encoded items; ``scored_texts`` (the text of each item's scored
     tokens) feed the zlib attack. ``detail`` (default: every item) marks the items that get the
@@ -184,21 +185,17 @@ def score_encoded(
     Items with the same prompt tokens (a TOFU question's answer, paraphrase and perturbed
     answers) are scored in one forward that encodes the prompt once
     (``logprobs.shared_prompt_scores``) when ``share_prompts`` and the model's forward allows;
-    the values equal the one-sequence-per-item forward up to float rounding.
+    the values equal the one-sequence-per-item forward up to float rounding. ``shards``
+    splits the forwards over processes (``negpref.eval.shards``); every process gets all scores.
     """
     drop_eos = get_conventions(conventions).mia_drop_eos
     n = len(encoded)
     detail = [True] * n if detail is None else list(detail)
-    logps, n_tokens = [math.nan] * n, [0] * n
-    scores = {name: [math.nan] * n for name in mia.ATTACKS} if mia_k is not None else None
-    kl_ref = [math.nan] * n if ref_model is not None else None
-    em = [math.nan] * n if memorization else None
-    es = [math.nan] * n if memorization else None
     need_logits = ref_model is not None or mia_k is not None or memorization
     share = share_prompts and can_share_prompts(model)
-    for chunk in tqdm(
-        _chunks(encoded, batch_size, share), desc=desc, disable=desc is None, leave=False
-    ):
+
+    def score_chunk(chunk: list[int]) -> list[dict]:
+        """The figures of one forward's items, as plain numbers (what processes exchange)."""
         keep = need_logits and any(detail[i] for i in chunk)
         out = _forward(model, pad_id, [encoded[i] for i in chunk], keep, share)
         detailed = [row for row, i in enumerate(chunk) if detail[i]] if keep else []
@@ -207,7 +204,7 @@ def score_encoded(
             ref_share = share_prompts and can_share_prompts(ref_model)
             ref_items = [encoded[chunk[row]] for row in detailed]
             ref_out = _forward(ref_model, pad_id, ref_items, True, ref_share)
-        if scores is not None and detailed:
+        if mia_k is not None and detailed:
             min_k_mask = mia.drop_last_answer_token(out.mask) if drop_eos else out.mask
             min_k = mia.min_k_scores(out.token_logps, min_k_mask, mia_k)
             min_k_pp = mia.min_k_plus_plus_scores(out.token_logps, out.logits, min_k_mask, mia_k)
@@ -215,31 +212,53 @@ def score_encoded(
             matches = greedy_matches(out.logits, out.targets, out.mask)
             item_em = exact_memorization(matches, out.mask)
             item_es = extraction_strength(matches, out.mask)
+        rows = []
         for row, i in enumerate(chunk):
             lp, count = out.logps[row].item(), int(out.n_tokens[row].item())
-            n_tokens[i] = count
+            figures = {"n_tokens": count}
+            rows.append(figures)
             if not math.isfinite(lp):
                 continue  # stays NaN everywhere: counted by the caller
-            logps[i] = lp
+            figures["logp"] = lp
             if not detail[i] or not keep:
                 continue
-            if scores is not None:
+            if mia_k is not None:
                 mean_logp = lp / count
-                scores["loss"][i] = mean_logp
-                scores["zlib"][i] = mia.zlib_score(mean_logp, scored_texts[i])
-                scores["min_k"][i] = min_k[row].item()
-                scores["min_k_plus_plus"][i] = min_k_pp[row].item()
+                figures["mia"] = {
+                    "loss": mean_logp,
+                    "zlib": mia.zlib_score(mean_logp, scored_texts[i]),
+                    "min_k": min_k[row].item(),
+                    "min_k_plus_plus": min_k_pp[row].item(),
+                }
             if memorization:
-                em[i], es[i] = item_em[row].item(), item_es[row].item()
+                figures["em"], figures["es"] = item_em[row].item(), item_es[row].item()
             if ref_out is not None:
                 j = detailed.index(row)
                 width = ref_out.logits.shape[1]  # the subset's columns: a prefix of the chunk's
-                kl_ref[i] = losses.kl(
+                figures["kl"] = losses.kl(
                     out.logits[row : row + 1, :width],
                     ref_out.logits[j : j + 1].to(out.logits.device),
                     out.mask[row : row + 1, :width],
                     direction="ref||policy",
                 ).item()
+        return rows
+
+    logps, n_tokens = [math.nan] * n, [0] * n
+    scores = {name: [math.nan] * n for name in mia.ATTACKS} if mia_k is not None else None
+    kl_ref = [math.nan] * n if ref_model is not None else None
+    em = [math.nan] * n if memorization else None
+    es = [math.nan] * n if memorization else None
+    chunks = _chunks(encoded, batch_size, share)
+    for chunk, rows in zip(chunks, (shards or Shards()).map(score_chunk, chunks, desc)):
+        for i, figures in zip(chunk, rows, strict=True):
+            n_tokens[i] = figures["n_tokens"]
+            logps[i] = figures.get("logp", math.nan)
+            for name, value in figures.get("mia", {}).items():
+                scores[name][i] = value
+            if "em" in figures:
+                em[i], es[i] = figures["em"], figures["es"]
+            if "kl" in figures:
+                kl_ref[i] = figures["kl"]
     return AnswerScores(
         logps=logps,
         n_tokens=n_tokens,
@@ -252,7 +271,11 @@ def score_encoded(
 
 
 def gradnorm_scores(
-    model, pad_id: int, encoded: Sequence[Encoded], p: float = mia.GRADNORM_P
+    model,
+    pad_id: int,
+    encoded: Sequence[Encoded],
+    p: float = mia.GRADNORM_P,
+    shards: Shards | None = None,
 ) -> list[float]:
     """The GradNorm attack per item (``mia.gradnorm_score``), one backward each.
 
@@ -267,18 +290,18 @@ def gradnorm_scores(
             "requires_grad on (or drop the gradnorm attack)"
         )
     device = model_device(model)
-    scores = []
-    with torch.enable_grad():
-        for item in encoded:
-            batch = {k: v.to(device) for k, v in collate([item], pad_id).items()}
-            out = sequence_logps(model, batch)
-            if not out.n_tokens.item() or not torch.isfinite(out.logps).all():
-                scores.append(math.nan)
-                continue
-            loss = -(out.logps / out.n_tokens).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            scores.append(mia.gradnorm_score([g for g in grads if g is not None], p))
-    return scores
+
+    @torch.enable_grad()
+    def score(item: Encoded) -> float:
+        batch = {k: v.to(device) for k, v in collate([item], pad_id).items()}
+        out = sequence_logps(model, batch)
+        if not out.n_tokens.item() or not torch.isfinite(out.logps).all():
+            return math.nan
+        loss = -(out.logps / out.n_tokens).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return mia.gradnorm_score([g for g in grads if g is not None], p)
+
+    return (shards or Shards()).map(score, list(encoded))
 
 
 def model_attack_scores(
@@ -290,12 +313,13 @@ def model_attack_scores(
     batch_size: int = 8,
     mia_ref_model=None,
     gradnorm: bool = False,
+    shards: Shards | None = None,
 ) -> dict[str, list[float]]:
     """``mia.MODEL_ATTACKS`` per item: the reference attacks (with ``mia_ref_model``, scoring
     the same items under it) and GradNorm (with ``gradnorm``); ``scores`` are the model's own."""
     attacks: dict[str, list[float]] = {}
     if mia_ref_model is not None:
-        ref = score_encoded(mia_ref_model, pad_id, encoded, scored_texts, batch_size)
+        ref = score_encoded(mia_ref_model, pad_id, encoded, scored_texts, batch_size, shards=shards)
         per_item = [
             mia.reference_scores(lp / n, ref_lp / ref_n)
             if n and ref_n and math.isfinite(lp) and math.isfinite(ref_lp)
@@ -305,5 +329,5 @@ def model_attack_scores(
         for name in ("reference", "reference_ratio"):
             attacks[name] = [item[name] for item in per_item]
     if gradnorm:
-        attacks["gradnorm"] = gradnorm_scores(model, pad_id, encoded)
+        attacks["gradnorm"] = gradnorm_scores(model, pad_id, encoded, shards=shards)
     return attacks

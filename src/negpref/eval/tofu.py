@@ -28,6 +28,7 @@ from negpref.data.records import TEXT, place
 from negpref.errors import NegprefError
 from negpref.eval import metrics
 from negpref.eval.scoring import AnswerScores, model_attack_scores, score_encoded
+from negpref.eval.shards import Shards
 from negpref.eval.tofu_files import EVAL_FILES, HOLDOUT_FILE, META_KEY, short_list
 from negpref.generation import greedy_generate
 
@@ -301,6 +302,7 @@ def _evaluate_set(
     share_prompts: bool = True,
     generation_batch_size: int | None = None,
     drop_finished_rows: bool = True,
+    shards: Shards | None = None,
 ) -> dict[str, dict]:
     """Per-item logs of one set; ``max_new_tokens=None`` skips generation (and ROUGE),
     ``answers_only`` also the truth ratio (the holdout set only feeds membership inference).
@@ -336,6 +338,7 @@ def _evaluate_set(
             desc=desc(what),
             conventions=conventions,
             share_prompts=share_prompts,
+            shards=shards,
             **extra,
         )
 
@@ -360,6 +363,7 @@ def _evaluate_set(
             batch_size,
             mia_ref_model,
             gradnorm,
+            shards=shards,
         )
         log.update({f"mia_{attack}": dict(zip(keys, v)) for attack, v in extra.items()})
     if answers_only:
@@ -376,6 +380,7 @@ def _evaluate_set(
             desc("generation"),
             prompt=prompt,
             drop_finished_rows=drop_finished_rows,
+            map_batches=(shards or Shards()).map,
         )
         rouge1, rouge_l = metrics.rouge_recalls(answers, generations)
         log["generated_text"] = {
@@ -425,6 +430,7 @@ def evaluate_tofu(
     share_prompts: bool = True,
     generation_batch_size: int | None = None,
     drop_finished_rows: bool = True,
+    shards: Shards | None = None,
 ) -> dict[str, dict]:
     """Evaluate ``model`` on every set of ``sets``; return per-item logs in TOFU's format.
 
@@ -442,6 +448,9 @@ def evaluate_tofu(
     step reads every weight once whatever the batch, so larger batches take fewer steps.
     ``drop_finished_rows`` lets a row leave its generation batch at EOS (off: ``model.generate``
     runs every row until the batch's last one ends; the tokens agree up to float rounding).
+    ``shards`` (e.g. ``Shards.of_processes()``) splits the forwards and generation batches over
+    processes, each of which must call this with the same arguments; every process returns the
+    whole logs, equal to one process's (``negpref.eval.shards``).
     """
     conventions = get_conventions(conventions)
     mia_k = conventions.mia_k if mia_k is None else mia_k
@@ -451,6 +460,7 @@ def evaluate_tofu(
         share_prompts=share_prompts,
         generation_batch_size=generation_batch_size,
         drop_finished_rows=drop_finished_rows,
+        shards=shards,
         progress=progress,
         prompt=prompt,
         conventions=conventions,

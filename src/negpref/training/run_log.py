@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from negpref.errors import NegprefError
 from negpref.io import append_jsonl, read_jsonl_through
 
 
@@ -37,7 +38,7 @@ class TrainState:
     step: int
     epoch: float
     total_steps: int
-    out_dir: Path
+    out_dir: Path | None  # None on processes other than the main one
 
 
 class RunLog:
@@ -73,6 +74,15 @@ class RunCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, run_log: RunLog, callbacks, out: Path):
+        if trainer.is_fsdp_enabled and any(hasattr(cb, "on_evaluate") for cb in callbacks):
+            # FSDP gathers each layer's weights inside every process's forward, so processes
+            # must run the same forwards; evaluations batch and stop per process
+            raise NegprefError(
+                "evaluation during training is not available under FSDP (each process holds a "
+                "shard of the model); drop the evaluation (--eval-every / eval callbacks) and "
+                "evaluate the saved model with `negpref eval` (which splits the work over "
+                "processes under accelerate launch)"
+            )
         self.trainer, self.run_log, self.callbacks = trainer, run_log, callbacks
         self.out = out
         self.step_start = time.perf_counter()
@@ -89,24 +99,31 @@ class RunCallback(TrainerCallback):
 
     def evaluate(self, step: int, args, state, control) -> None:
         trainer = self.trainer
-        if trainer.accelerator.is_main_process:
-            for cb in self.callbacks:
-                if hasattr(cb, "on_evaluate"):
-                    # evaluations run in the training's precision (bf16 autocast or not)
-                    with eval_mode(trainer.unwrapped) as m, trainer.accelerator.autocast():
-                        values = cb.on_evaluate(self._state(step), m, trainer.processing_class)
-                    record = {"step": step, "epoch": trainer.epoch_of(step), **(values or {})}
-                    self.run_log.evaluation(record)
-                    scalars = {
-                        f"eval_{k}": v
-                        for k, v in record.items()
-                        if k not in ("step", "epoch") and isinstance(v, (int, float))
-                    }
-                    state.log_history.append({**scalars, "step": step})
-                    # trackers (TensorBoard: eval/...) see it; the step's own log stays due
-                    should_log = control.should_log
-                    trainer.callback_handler.on_log(args, state, control, logs=scalars)
-                    control.should_log = should_log
+        is_main = trainer.accelerator.is_main_process
+        for cb in self.callbacks:
+            everywhere = getattr(cb, "all_processes", False)
+            if not hasattr(cb, "on_evaluate") or not (is_main or everywhere):
+                continue
+            at = self._state(step)
+            if not is_main:
+                at = replace(at, out_dir=None)  # only the main process writes
+            # evaluations run in the training's precision (bf16 autocast or not)
+            with eval_mode(trainer.unwrapped) as m, trainer.accelerator.autocast():
+                values = cb.on_evaluate(at, m, trainer.processing_class)
+            if not is_main:
+                continue
+            record = {"step": step, "epoch": trainer.epoch_of(step), **(values or {})}
+            self.run_log.evaluation(record)
+            scalars = {
+                f"eval_{k}": v
+                for k, v in record.items()
+                if k not in ("step", "epoch") and isinstance(v, (int, float))
+            }
+            state.log_history.append({**scalars, "step": step})
+            # trackers (TensorBoard: eval/...) see it; the step's own log stays due
+            should_log = control.should_log
+            trainer.callback_handler.on_log(args, state, control, logs=scalars)
+            control.should_log = should_log
         trainer.accelerator.wait_for_everyone()
 
     def on_train_begin(self, args, state, control, **kwargs):

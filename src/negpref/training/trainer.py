@@ -115,10 +115,24 @@ class NegprefTrainer(Trainer):
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = os.path.join(self.args.output_dir, TENSORBOARD_DIR)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        _fsdp_on_cpu(self)
+
     @property
     def unwrapped(self):
         """The model being trained, without DDP/FSDP/DeepSpeed wrappers."""
         return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict | None:
+        """The trained weights whole, for ``save_model``; None where the model holds them.
+
+        Under FSDP the model holds shards: every process must call this (they gather to the
+        main process, which gets the whole weights on the CPU).
+        """
+        if not self.is_fsdp_enabled:
+            return None
+        return self.accelerator.get_state_dict(self.model)
 
     # --- data order and epochs -------------------------------------------------------------
     def epoch_of(self, step: int) -> float:
@@ -208,6 +222,34 @@ class NegprefTrainer(Trainer):
                 os.remove(pickled)
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
                 f.write(self.args.to_json_string())
+
+
+def _fsdp_on_cpu(trainer: NegprefTrainer) -> None:
+    """FSDP for CPU processes, as an accelerate config with ``distributed_type: FSDP`` asks.
+
+    accelerate runs CPU processes as ``MULTI_CPU`` and drops the FSDP plugin there, though
+    torch's FSDP2 (``fully_shard``) shards on CPU over gloo; this puts the plugin back, read
+    from the same environment accelerate's launcher sets.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise NegprefError(
+            f"fsdp_version: {plugin.fsdp_version}; FSDP on CPU processes needs FSDP2: set "
+            "fsdp_config.fsdp_version: 2 in the accelerate config"
+        )
+    if trainer.accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(trainer.accelerator.mixed_precision)
+    # AcceleratorState copies PartialState's fields each time it is built: set both
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
 
 
 def _first_input_ids(inputs):

@@ -234,17 +234,18 @@ def _save_final(
         written[f"{name}_dir"] = str(final_out / name)
 
     is_main = trainer.accelerator.is_main_process
+    weights = trainer.full_state_dict() if config.save_model else None
     if config.lora:
         if is_main and config.save_model:
             if config.gguf:  # what peft's AutoPeftModel* will load as the base
                 base = (final_out / BASE_MODEL_DIR).resolve()
                 model.peft_config[model.active_adapter].base_model_name_or_path = str(base)
                 written["base_model_dir"] = str(final_out / BASE_MODEL_DIR)
-            staged("adapter", lambda d: save_model(model, tokenizer, d))
+            staged("adapter", lambda d: save_model(model, tokenizer, d, weights))
         if config.merge:
             model = model.merge_and_unload()
     if is_main and config.save_model and (config.merge or not config.lora):
-        staged("model", lambda d: save_model(model, tokenizer, d))
+        staged("model", lambda d: save_model(model, tokenizer, d, weights))
     return model, written
 
 
@@ -418,6 +419,7 @@ def _train(config, objective, inputs, out, model, tokenizer, callbacks):
         "num_train_epochs": config.num_train_epochs,
         "effective_batch": trainer.effective_batch,
         "processes": trainer.accelerator.num_processes,
+        "distributed": str(trainer.accelerator.distributed_type.value),
         "device": str(trainer.args.device),
         "mixed_precision": trainer.accelerator.mixed_precision,
         "n_forget": data.n_forget,
