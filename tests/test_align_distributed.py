@@ -90,8 +90,13 @@ def test_align_killed_with_sigkill_resumes_bitwise(files, tmp_path):
 @pytest.mark.usefixtures("one_thread")  # as each launched process (OMP_NUM_THREADS=1)
 @pytest.mark.parametrize(
     "config, distributed",
-    [("accelerate_cpu2.yaml", "MULTI_CPU"), ("accelerate_fsdp_cpu2.yaml", "FSDP")],
-    ids=["ddp", "fsdp"],
+    [
+        ("accelerate_cpu2.yaml", "MULTI_CPU"),
+        ("accelerate_fsdp_cpu2.yaml", "FSDP"),
+        ("accelerate_zero2_cpu2.yaml", "DEEPSPEED"),
+        ("accelerate_zero3_cpu2.yaml", "DEEPSPEED"),
+    ],
+    ids=["ddp", "fsdp", "zero2", "zero3"],
 )
 def test_two_processes_match_one(files, tmp_path, config, distributed):
     # Every candidate is a negative (num_negatives 0): no draw, so the data alone decide the
@@ -119,11 +124,15 @@ def test_two_processes_match_one(files, tmp_path, config, distributed):
     a, b = metrics(one), metrics(two)
     assert len(a) == len(b) == 8
     # Effective batch 4 either way (1 process x 2 micro-batches, 2 processes x 1): the same
-    # per-micro-batch arithmetic, then a mean of two halves summed in either order (FSDP: in
-    # flat shards); 1e-5 relative (the bound) on figures of size ~1-100 covers that.
+    # per-micro-batch arithmetic, then a mean of two halves summed in either order (FSDP and
+    # ZeRO: in flat shards); 1e-5 relative (the bound) on figures of size ~1-100
+    # covers that.
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "learning_rate"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
     wa, wb = weights(one), weights(two)
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
+        # Each tensor to 1e-5 of its norm: elementwise bounds fail on the odd element whose
+        # gradient is near zero, where Adam's m/sqrt(v) turns a last-bit change into a visible
+        # step (measured under ZeRO-3: 2.8e-7 absolute, 2e-4 of the element).
+        assert (wb[name] - wa[name]).norm() <= 1e-5 * wa[name].norm(), name

@@ -164,7 +164,8 @@ class AlignTrainer(NegprefTrainer):
         else:  # before the first step the policy is the reference
             if self._reference_ready:
                 raise RuntimeError("no reference model kept for full fine-tuning after step 0")
-            yield self.model
+            with self.whole_weights(self.model):
+                yield self.model
 
     def _logps(self, model, encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.config.per_device_train_batch_size * max(2, self.config.num_negatives + 1)

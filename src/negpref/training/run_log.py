@@ -74,12 +74,12 @@ class RunCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, run_log: RunLog, callbacks, out: Path):
-        if trainer.is_fsdp_enabled and any(hasattr(cb, "on_evaluate") for cb in callbacks):
-            # FSDP gathers each layer's weights inside every process's forward, so processes
-            # must run the same forwards; evaluations batch and stop per process
+        if trainer.is_sharded and any(hasattr(cb, "on_evaluate") for cb in callbacks):
+            # FSDP / ZeRO-3 gather each layer's weights inside every process's forward, so
+            # processes must run the same forwards; evaluations batch and stop per process
             raise NegprefError(
-                "evaluation during training is not available under FSDP (each process holds a "
-                "shard of the model); drop the evaluation (--eval-every / eval callbacks) and "
+                "evaluation during training is not available under FSDP or DeepSpeed ZeRO-3 "
+                "(each process holds a shard of the model); drop the evaluation (--eval-every / eval callbacks) and "
                 "evaluate the saved model with `negpref eval` (which splits the work over "
                 "processes under accelerate launch)"
             )

@@ -26,6 +26,7 @@ On top of it:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -124,15 +125,58 @@ class NegprefTrainer(Trainer):
         """The model being trained, without DDP/FSDP/DeepSpeed wrappers."""
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def is_sharded(self) -> bool:
+        """Each process holds a shard of the weights (FSDP, DeepSpeed ZeRO-3): every forward
+        and gather must then run on every process alike."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+    @contextlib.contextmanager
+    def whole_weights(self, model):
+        """``model`` ready for a no-grad forward outside the training step.
+
+        Under ZeRO-3 the weights are partitioned from the moment they load, but DeepSpeed's
+        gather hooks come with its engine, which the Trainer builds in ``train()``: before
+        that (the reference precompute) each module gathers its own parameters for its
+        forward and frees them after, so one module's weights are whole at a time, as in a
+        ZeRO-3 step. Every process must run the same forwards (a collective per module).
+        """
+        if not self.is_sharded or self.deepspeed is not None or not self.is_deepspeed_enabled:
+            yield model
+            return
+        import deepspeed
+
+        gathers, hooks = {}, []
+
+        def gather(module, args):
+            gathers[module] = deepspeed.zero.GatheredParameters(list(module.parameters(False)))
+            gathers[module].__enter__()
+
+        def release(module, args, output):
+            gathers.pop(module).__exit__(None, None, None)
+
+        for module in model.modules():
+            if next(module.parameters(False), None) is not None:
+                hooks += [
+                    module.register_forward_pre_hook(gather),
+                    module.register_forward_hook(release),
+                ]
+        try:
+            yield model
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def full_state_dict(self) -> dict | None:
         """The trained weights whole, for ``save_model``; None where the model holds them.
 
-        Under FSDP the model holds shards: every process must call this (they gather to the
+        Under FSDP and ZeRO-3 every process must call this (they gather the shards to the
         main process, which gets the whole weights on the CPU).
         """
-        if not self.is_fsdp_enabled:
+        if not self.is_sharded:
             return None
-        return self.accelerator.get_state_dict(self.model)
+        return self.accelerator.get_state_dict(self.model_wrapped)
 
     # --- data order and epochs -------------------------------------------------------------
     def epoch_of(self, step: int) -> float:

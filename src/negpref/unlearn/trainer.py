@@ -292,7 +292,7 @@ class UnlearnTrainer(NegprefTrainer):
         else:
             model = self.unwrapped
             adapters = model.disable_adapter() if self.args.lora else contextlib.nullcontext()
-        with eval_mode(model), adapters:
+        with eval_mode(model), adapters, self.whole_weights(model):
             yield model
 
     @torch.no_grad()
