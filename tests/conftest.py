@@ -1,5 +1,11 @@
 """Shared test fixtures and the rounding bound every floating-point tolerance is derived from."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +109,38 @@ def perturb(model, seed=1, scale=0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def launch_cli(
+    argv: list[str],
+    processes: int = 1,
+    config: str = "accelerate_cpu2.yaml",
+    script: tuple[str, ...] = ("-m", "negpref.cli"),
+    env: dict | None = None,
+) -> dict:
+    """The CLI (``argv`` then ``--json``) in one process, or under ``accelerate launch`` with
+    ``configs/CONFIG`` on ``processes`` CPU processes, one thread each; the one JSON object it
+    printed (only the main process reports)."""
+    launcher = list(script)
+    if processes > 1:
+        configs = Path(__file__).resolve().parents[1] / "configs"
+        launcher = [
+            "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+            "--config_file", str(configs / config), *launcher,
+        ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *launcher, *argv, "--json"],
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(printed) == 1, proc.stdout[-3000:]
+    return printed[0]

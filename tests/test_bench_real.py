@@ -35,14 +35,20 @@ def test_step_cost_reports_every_mode_and_ratios_of_its_step_times():
         step["npo_rt_live"] / step["npo_rt_precomputed"]
     )
     assert figures["npo_precomputed_over_ga"] == pytest.approx(step["npo_precomputed"] / step["ga"])
-    # both precomputed modes computed their reference table; live modes and GA have none
-    assert set(figures["precompute_s_by_mode"]) == {"npo_precomputed", "npo_rt_precomputed"}
+    assert figures["ga_bf16_over_ga"] == pytest.approx(step["ga_bf16"] / step["ga"])
+    # the precomputed modes computed their reference table; live modes and GA have none
+    by_mode = figures["precompute_s_by_mode"]
+    assert set(by_mode) == {"npo_precomputed", "npo_rt_precomputed", "npo_precomputed_bf16"}
+    assert figures["precompute_bf16_over_float32"] == pytest.approx(
+        by_mode["npo_precomputed_bf16"] / by_mode["npo_precomputed"]
+    )
     assert figures["precompute_s"] == figures["precompute_s_by_mode"]["npo_precomputed"] > 0
     # NPO+RT adds the retain sequences to the policy forward: more activations than NPO alone
     assert figures["peak_mem_mb"]["npo_rt_precomputed"] > figures["peak_mem_mb"]["npo_precomputed"]
     setup = figures["setup"]
     assert setup["model"] == "random" and setup["vocab"] == 256 and setup["hidden"] == 64
     assert setup["cpu_model"] and setup["threads"] == 1
+    assert setup["cpu_native_bf16"] is False  # conftest sets NEGPREF_CPU_BF16=0
 
 
 def test_step_cost_loads_a_saved_model_directory(tmp_path):

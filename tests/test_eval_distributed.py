@@ -2,19 +2,15 @@
 process gives: from ``negpref eval`` and from the evaluation callback during training."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_unlearn_inputs
+from conftest import launch_cli, write_tiny_unlearn_inputs
 from negpref.eval.shards import Shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU = ROOT.parent / "shared" / "data" / "tofu"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +19,7 @@ def inputs(tmp_path_factory):
 
 
 def cli(processes: int, *argv: str) -> dict:
-    """The CLI in 1 process, or under ``accelerate launch`` on ``processes``; its JSON output."""
-    launcher = ["-m", "negpref.cli"]
-    if processes > 1:
-        launcher = [
-            "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "--config_file", str(ROOT / "configs" / "accelerate_cpu2.yaml"), *launcher,
-        ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, *launcher, *argv, "--json"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert len(printed) == 1  # printed once, by the main process
-    return printed[0]
+    return launch_cli(list(argv), processes)
 
 
 def test_one_process_maps_in_order():

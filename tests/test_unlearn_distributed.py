@@ -1,18 +1,15 @@
-"""``negpref unlearn`` on several CPU processes (accelerate launch, gloo): DDP and FSDP follow
-the single-process run, and the process count changes neither the loss curve nor which retain
-item each forget item is trained with."""
+"""``negpref unlearn`` on several CPU processes (accelerate launch, gloo): DDP, FSDP and ZeRO
+follow the single-process run, and the process count changes neither the loss curve nor which
+retain item each forget item is trained with."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_tiny_unlearn_inputs
+from conftest import launch_cli, write_tiny_unlearn_inputs
 from negpref.unlearn import UnlearnConfig, run
 from negpref.unlearn.dataset import UnlearnData
 
@@ -45,25 +42,11 @@ def common(inputs: Path) -> dict:
     )
 
 
-def launch(config: str, processes: int, options: dict, out: Path, script: list[str], env=()):
-    """``accelerate launch`` of the CLI on ``processes`` CPU processes; its JSON summary."""
+def launch(config: str, processes: int, options: dict, out: Path, script: list[str], env=None):
+    """``accelerate launch`` of the CLI's unlearn on ``processes`` CPU processes; its summary."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs" / config), "--num_processes", str(processes),
-        *script, "unlearn", "--use-cpu", *flags, f"--out={out}", "--json",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        command,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **dict(env)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert len(summaries) == 1  # reported once, by the main process
-    return summaries[0]
+    argv = ["unlearn", "--use-cpu", *flags, f"--out={out}"]
+    return launch_cli(argv, processes, config, tuple(script), env)
 
 
 def metrics(out: Path) -> list[dict]:

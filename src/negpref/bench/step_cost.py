@@ -24,7 +24,7 @@ import torch
 
 from negpref.data import Encoded
 from negpref.errors import NegprefError
-from negpref.models import tiny_llama
+from negpref.models import cpu_native_bf16, tiny_llama
 from negpref.threads import cpu_model
 from negpref.unlearn import UnlearnConfig
 from negpref.unlearn.dataset import UnlearnData
@@ -38,6 +38,10 @@ MODES = {
     "npo_live_lora": dict(method="NPO", ref_mode="live", lora=True),
     "npo_rt_precomputed": dict(method="NPO+RT", ref_mode="precomputed"),
     "npo_rt_live": dict(method="NPO+RT", ref_mode="live"),
+    # bf16 autocast over float32 master weights: what `mixed_precision: auto` picks where the
+    # device computes bf16 natively (setup's cpu_native_bf16 says whether this CPU does)
+    "ga_bf16": dict(method="GA", mixed_precision="bf16"),
+    "npo_precomputed_bf16": dict(method="NPO", ref_mode="precomputed", mixed_precision="bf16"),
 }
 
 
@@ -129,7 +133,8 @@ def train_step(trainer: UnlearnTrainer, step: int) -> dict[str, float]:
     """One optimizer step the way the Trainer's loop takes it (one micro-batch); its figures."""
     pairs = trainer.data.stream(step * trainer.effective_batch, trainer.effective_batch)
     inputs = trainer.collate(pairs)
-    trainer.training_step(trainer.model, inputs)
+    with trainer.accelerator.autocast():  # what the Trainer's prepared forward runs under
+        trainer.training_step(trainer.model, inputs)
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
@@ -254,6 +259,14 @@ def run(args) -> dict:
         "npo_live_over_ga": _ratio(median, "npo_live", "ga"),
         "npo_rt_precomputed_over_ga": _ratio(median, "npo_rt_precomputed", "ga"),
         "npo_rt_live_over_npo_rt_precomputed": _ratio(median, "npo_rt_live", "npo_rt_precomputed"),
+        "ga_bf16_over_ga": _ratio(median, "ga_bf16", "ga"),
+        "npo_precomputed_bf16_over_npo_precomputed": _ratio(
+            median, "npo_precomputed_bf16", "npo_precomputed"
+        ),
+        # the reference precompute is a no-grad forward pass over the items
+        "precompute_bf16_over_float32": _ratio(
+            precompute_s, "npo_precomputed_bf16", "npo_precomputed"
+        ),
         "peak_mem_mb": peak_mb,
         "npo_live_lora_over_ga_lora_mem": _ratio(peak_mb, "npo_live_lora", "ga_lora"),
         "npo_live_over_ga_mem": _ratio(peak_mb, "npo_live", "ga"),
@@ -270,6 +283,7 @@ def run(args) -> dict:
             "modes": modes,
             "threads": torch.get_num_threads(),
             "cpu_model": cpu_model(),
+            "cpu_native_bf16": cpu_native_bf16(),
             "torch": torch.__version__,
         },
     }
