@@ -219,3 +219,24 @@ def test_outputs_get_the_usual_file_modes(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "run" / "results.json").stat().st_mode) == 0o644
+
+
+def test_json_output_is_the_result_alone_whatever_a_library_prints(monkeypatch, capsys):
+    # DeepSpeed's logger, for one, prints its accelerator notice to stdout when accelerate
+    # imports it (on every save_pretrained once deepspeed is installed)
+    from negpref.bench import step_cost
+    from negpref.cli import main
+
+    def chatty_run(args):
+        print("[WARNING] a library writing to stdout")
+        return {"figure": 1.5}
+
+    monkeypatch.setattr(step_cost, "run", chatty_run)
+    assert main(["bench", "step-cost", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out == '{"figure": 1.5}\n'
+    assert "a library writing to stdout" in err
+    # without --json the same chatter stays on stdout, beside the result
+    assert main(["bench", "step-cost"]) == 0
+    out, _ = capsys.readouterr()
+    assert "a library writing to stdout" in out and '{"figure": 1.5}' in out

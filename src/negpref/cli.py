@@ -8,9 +8,11 @@ line and exit with status 2, like argparse's own usage errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
+from negpref import commands
 from negpref.errors import NegprefError
 
 VERBS = ("demo", "unlearn", "eval", "align", "u2a", "synthetic", "bench", "study")
@@ -30,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands.results = sys.stdout
+    # --json: stdout carries the result alone; whatever else reaches it goes to stderr
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else None
     try:
-        return int(args.func(args) or 0)
+        with quiet_stdout or contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except NegprefError as e:
         print(f"negpref {args.verb}: error: {e}", file=sys.stderr)
         return 2

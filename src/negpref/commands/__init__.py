@@ -1,0 +1,20 @@
+"""The CLI's verbs, one module each (``register(subparsers)``); see ``negpref.cli``.
+
+Under ``--json`` standard output carries the JSON result alone: ``negpref.cli.main`` sends
+everything else written there (a library's warnings, e.g. DeepSpeed's accelerator notice, which
+its logger prints to stdout) to standard error, and a verb prints its result with
+:func:`print_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# where print_json writes: the process's standard output as main found it
+results = sys.stdout
+
+
+def print_json(value) -> None:
+    """The verb's result as one JSON line on standard output."""
+    print(json.dumps(value), file=results, flush=True)

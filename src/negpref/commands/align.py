@@ -8,8 +8,7 @@ negpref align make-task --out data/pref_task      # the offline preference task 
 
 from __future__ import annotations
 
-import json
-
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.io import staged_out_dir
 
@@ -60,7 +59,10 @@ def register(sub) -> None:
 
 
 def _emit(args, result: dict, lines: list[str]) -> None:
-    print(json.dumps(result) if args.json else "\n".join(lines))
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(lines))
 
 
 def train(args) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 
+from negpref.commands import print_json
 from negpref.errors import NegprefError
 
 BENCHMARKS = {
@@ -53,5 +53,5 @@ def _run(module, parser, args) -> int:
     if hasattr(module, "check"):
         module.check(args)
     figures = module.run(args)
-    print(json.dumps(figures))
+    print_json(figures)
     return 0

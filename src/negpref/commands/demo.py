@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.studies.demo import DEFAULT_METHODS, DEFAULT_SEEDS, DemoConfig, run_demo
 from negpref.studies.demo.report import format_spread
@@ -40,7 +40,7 @@ def _main(args) -> int:
     config = build_config(DemoConfig, args)
     summary = run_demo(config)
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
         return 0
     print(format_summary(summary, config.out))
     return 0

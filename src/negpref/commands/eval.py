@@ -12,8 +12,8 @@ negpref eval --alignment ...   (alignment metrics, ``negpref.eval.alignment``)
 from __future__ import annotations
 
 import argparse
-import json
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.eval import AggregateConfig, EvalConfig, alignment, run, run_aggregate
 
@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 def _print(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result))
+        print_json(result)
         return
     for key, value in result.items():
         if not isinstance(value, dict):

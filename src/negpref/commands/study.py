@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.studies.tofu import TofuStudyConfig, run_tofu_study
 
@@ -34,7 +34,7 @@ def register(sub) -> None:
 def _tofu(args) -> int:
     summary = run_tofu_study(build_config(TofuStudyConfig, args))
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
         return 0
     for method, r in summary["methods"].items():
         peak, final = r["peak"], r["final"]

@@ -8,10 +8,10 @@ linear vs NPO's logarithmic divergence). Each writes ``results.json``, PNG figur
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.studies.synthetic.run import STUDIES, headline, run_study, summary_text
 
@@ -39,7 +39,7 @@ def _run(name: str, args) -> int:
     config = build_config(STUDIES[name].config, args)
     results, written = run_study(name, config, args.out, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps({"out": str(args.out), **headline(name, results)}))
+        print_json({"out": str(args.out), **headline(name, results)})
         return 0
     print(summary_text(name, results))
     print("wrote " + ", ".join(str(path) for path in written))

@@ -8,8 +8,8 @@ scale (a softmax policy with an exact objective; the Figure 4 ablation on a tiny
 from __future__ import annotations
 
 import argparse
-import json
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.studies.u2a_synthetic import U2ASyntheticConfig, run_synthetic_study
 from negpref.studies.u2a_toy import U2AAblationConfig, run_ablation_study
@@ -52,7 +52,10 @@ def register(sub) -> None:
 
 
 def _print(args, summary: dict, line: str) -> None:
-    print(json.dumps(summary) if args.json else line)
+    if args.json:
+        print_json(summary)
+    else:
+        print(line)
 
 
 def _main(args) -> int:

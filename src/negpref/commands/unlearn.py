@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from negpref.commands import print_json
 from negpref.config import add_config_arguments, build_config
 from negpref.unlearn import PRESETS, UnlearnConfig, run
 
@@ -40,7 +40,7 @@ def _main(args) -> int:
     if not PartialState().is_main_process:  # under `accelerate launch`: report once
         return 0
     if args.json:
-        print(json.dumps(result.summary))
+        print_json(result.summary)
         return 0
     final = result.summary["final_metrics"]
     shown = ", ".join(

@@ -232,7 +232,9 @@ def main(args) -> int:
         )
         atomic_write_json(stage / "alignment.json", result)
     if getattr(args, "json", False):
-        print(json.dumps(result))
+        from negpref.commands import print_json
+
+        print_json(result)
     else:
         for key, value in result.items():
             print(f"{key:>14}: {value:.6g}" if isinstance(value, float) else f"{key:>14}: {value}")
