@@ -240,3 +240,28 @@ def test_json_output_is_the_result_alone_whatever_a_library_prints(monkeypatch, 
     assert main(["bench", "step-cost"]) == 0
     out, _ = capsys.readouterr()
     assert "a library writing to stdout" in out and '{"figure": 1.5}' in out
+
+
+def test_json_output_stays_clean_of_worker_processes_output(tmp_path):
+    # a worker process inherits file descriptor 1: under --json it must land on stderr too
+    import subprocess
+    import sys
+
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        "from negpref.bench import step_cost\n"
+        "from negpref.cli import main\n"
+        "def run(args):\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"worker noise\")'], check=True)\n"
+        "    os.write(1, b'native noise\\n')\n"
+        "    return {'figure': 2}\n"
+        "step_cost.run = run\n"
+        "sys.exit(main(['bench', 'step-cost', '--json']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == '{"figure": 2}\n'
+    assert "worker noise" in done.stderr and "native noise" in done.stderr
