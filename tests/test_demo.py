@@ -7,6 +7,7 @@ The end-to-end run (``negpref demo --quick``) is marked slow; everything else is
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,17 +37,21 @@ from negpref.studies.demo.tables import main as demo_tables_main
 from negpref.studies.demo.tables import rewrite_regions
 
 DATA = Path(__file__).parent / "data"
-REFRESH = (
-    "negpref demo --quick --out runs/quick --overwrite && cp runs/quick/summary.json "
-    "tests/data/demo_quick_summary.$(python -c 'import torch; "
-    "print(torch.backends.cpu.get_cpu_capability())').json"
-)
 
 
-def quick_reference(cpu_capability: str) -> Path:
-    """The committed ``--quick`` numbers for CPUs whose torch kernels are ``cpu_capability``'s
-    (AVX2 and AVX-512 kernels sum in other orders, so each has its own exact numbers)."""
-    return DATA / f"demo_quick_summary.{cpu_capability}.json"
+def quick_reference(environment: dict) -> Path:
+    """The committed ``--quick`` numbers for this CPU model and its torch kernels (AVX2 and
+    AVX-512 kernels sum in other orders, and CPU models were seen to differ too, so each has
+    its own exact numbers)."""
+    cpu = re.sub(r"[^a-z0-9]+", "-", environment["cpu"].lower()).strip("-")
+    return DATA / f"demo_quick_summary.{environment['cpu_capability']}.{cpu}.json"
+
+
+def refresh(reference: Path) -> str:
+    return (
+        "negpref demo --quick --out runs/quick --overwrite && "
+        f"cp runs/quick/summary.json tests/data/{reference.name}"
+    )
 
 
 def assert_looks_like_a_report(report: Path, tmp_path: Path, n_methods: int) -> None:
@@ -532,15 +537,16 @@ def test_quick_demo_end_to_end(quick_run):
 def test_quick_demo_gives_the_committed_numbers(quick_run):
     """Same package versions, threads and CPU: the committed numbers, exactly."""
     _, summary = quick_run
-    reference = quick_reference(summary["environment"]["cpu_capability"])
+    reference = quick_reference(summary["environment"])
     if not reference.is_file():
-        pytest.fail(f"no committed numbers for this CPU's kernels ({reference.name}): {REFRESH}")
+        pytest.fail(f"no committed numbers for this CPU ({reference.name}): {refresh(reference)}")
     committed = json.loads(reference.read_text(encoding="utf-8"))
     differences = environment_differences(committed["environment"], summary["environment"])
     if differences:
         pytest.fail(
             f"{reference.name} was made in another environment ({'; '.join(differences)}): "
-            f"its numbers are not expected here. Refresh it in the locked environment: {REFRESH}"
+            f"its numbers are not expected here. Refresh it in the locked environment: "
+            f"{refresh(reference)}"
         )
     assert summary["command"] == committed["command"]
     expected, got = figures(committed), figures(summary)
@@ -552,7 +558,9 @@ def test_quick_demo_gives_the_committed_numbers(quick_run):
     python = (committed["environment"]["python"], summary["environment"]["python"])
     assert not moved, (
         f"{len(moved)} figures moved from {reference.name} (python {python[0]} there, "
-        f"{python[1]} here), first: " + "; ".join(moved[:5]) + f". If intended: {REFRESH}"
+        f"{python[1]} here), first: "
+        + "; ".join(moved[:5])
+        + f". If intended: {refresh(reference)}"
     )
 
 
