@@ -329,7 +329,8 @@ def test_bench_step_cost_reports_every_mode(capsys):
         assert figures[key] > 0, key
     peak = figures["peak_mem_mb"]
     assert set(peak) == {"ga", "npo_precomputed", "npo_live", "ga_lora", "npo_live_lora",
-                         "npo_rt_precomputed", "npo_rt_live"}  # fmt: skip
+                         "npo_rt_precomputed", "npo_rt_live", "ga_bf16",
+                         "npo_precomputed_bf16"}  # fmt: skip
     # Without LoRA a live reference is a second copy of the model; with LoRA it is not.
     model_mb = (256 * 64 + 64 * 64 * 4 + 3 * 64 * 256 + 3 * 64) * 4 / 2**20
     assert peak["npo_live"] - peak["ga"] >= 0.9 * model_mb
