@@ -142,7 +142,10 @@ class NegprefTrainer(Trainer):
         forward and frees them after, so one module's weights are whole at a time, as in a
         ZeRO-3 step. Every process must run the same forwards (a collective per module).
         """
-        if not self.is_sharded or self.deepspeed is not None or not self.is_deepspeed_enabled:
+        zero3_before_engine = (
+            self.is_deepspeed_enabled and self.is_sharded and self.deepspeed is None
+        )
+        if not zero3_before_engine:
             yield model
             return
         import deepspeed
