@@ -61,10 +61,15 @@ def _check_attack_nonmembers(config: EvalConfig, have_nonmembers: bool, how: str
         )
 
 
+def _launched() -> bool:
+    """Whether this process is one of several (``accelerate launch`` or ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _processes(config: EvalConfig):
-    """accelerate's state of the processes the evaluation is split over (``accelerate launch``
-    or ``torchrun``), None in a plain run; each process evaluates on its own device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """accelerate's state of the processes the evaluation is split over, None in a plain
+    run; each process evaluates on its own device."""
+    if not _launched():
         return None
     from accelerate import PartialState
 
@@ -165,7 +170,7 @@ def _run_muse(config: EvalConfig, progress: bool) -> dict:
     """``benchmark: muse``: MUSE logs (``muse_logs.json``) and their aggregate."""
     from negpref.eval import muse
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _launched():
         raise NegprefError(
             "benchmark muse: the MUSE evaluation runs in one process; run `negpref eval` "
             "without accelerate launch / torchrun (TOFU's is split over processes)"
